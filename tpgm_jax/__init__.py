@@ -1,0 +1,37 @@
+"""tpgm_jax: robust fine-tuning for JAX/optax.
+
+TPGM (Trainable Projected Gradient Method, Tian et al., CVPR 2023) keeps each
+fine-tuned tensor within a learned distance of its pre-trained value. This
+package provides the projection as a pure function over pytrees, the radius
+learning (outer loop) as jit-able functions, and an optax transformation.
+"""
+
+from tpgm_jax._projection import channel_norms
+from tpgm_jax._projection import clip_radii
+from tpgm_jax._projection import distance_norms
+from tpgm_jax._projection import init_radii
+from tpgm_jax._projection import project
+from tpgm_jax._radii import RadiiTrainer
+from tpgm_jax._radii import learn_radii_post_hoc
+from tpgm_jax._radii import radii_trainer
+from tpgm_jax._transform import TPGMState
+from tpgm_jax._transform import tpgm
+from tpgm_jax._tree import check_finite
+from tpgm_jax._tree import leaf_paths
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "RadiiTrainer",
+    "TPGMState",
+    "channel_norms",
+    "check_finite",
+    "clip_radii",
+    "distance_norms",
+    "init_radii",
+    "learn_radii_post_hoc",
+    "leaf_paths",
+    "project",
+    "radii_trainer",
+    "tpgm",
+)

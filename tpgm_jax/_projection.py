@@ -107,6 +107,20 @@ def _constrained(params, anchor, mask, name="anchor"):
   return out
 
 
+def _map_with_radii(params, anchor, radii, norm, mask, unconstrained, constrained):
+  """Maps over (tensor, radius) pairs: ``constrained(w, w0, d, norms, r)`` for
+  constrained non-empty tensors, ``unconstrained(w, r)`` for the others."""
+  _check_norm(norm)
+  rs = _tree.check_radii(params, radii)
+  out = []
+  for (_, w, w0), r in zip(_constrained(params, anchor, mask), rs):
+    if w0 is None or _tree.is_masked(r) or jnp.size(w) == 0:
+      out.append(unconstrained(w, r))
+    else:
+      out.append(constrained(w, w0, *displacement(w, w0, norm), r))
+  return jax.tree.unflatten(jax.tree.structure(params), out)
+
+
 def distance_norms(params: PyTree, anchor: PyTree, norm: Norm = "mars",
                    mask: _tree.Mask = None) -> PyTree:
   """The distance norms of every constrained tensor to its anchor.
@@ -174,16 +188,10 @@ def clip_radii(radii: PyTree, params: PyTree, anchor: PyTree, norm: Norm = "mars
   values before every radius update; :func:`radii_trainer` does the same.
   Unconstrained and empty tensors keep their radius unchanged.
   """
-  _check_norm(norm)
-  rs = _tree.check_radii(params, radii)
-  out = []
-  for (_, w, w0), r in zip(_constrained(params, anchor, mask), rs):
-    if w0 is None or _tree.is_masked(r) or jnp.size(w) == 0:
-      out.append(r)
-    else:
-      norms = displacement(w, w0, norm)[1]
-      out.append(clip_radius(r, norms).astype(jnp.result_type(r)))
-  return jax.tree.unflatten(jax.tree.structure(params), out)
+  return _map_with_radii(
+      params, anchor, radii, norm, mask,
+      lambda w, r: r,
+      lambda w, w0, d, norms, r: clip_radius(r, norms).astype(jnp.result_type(r)))
 
 
 def project(params: PyTree, anchor: PyTree, radii: PyTree, norm: Norm = "mars",
@@ -223,13 +231,7 @@ def project(params: PyTree, anchor: PyTree, radii: PyTree, norm: Norm = "mars",
     >>> tpgm_jax.project(w, w0, r)["w"].tolist()           # scaled onto L1 = 2
     [1.5, 0.0, 0.5]
   """
-  _check_norm(norm)
-  rs = _tree.check_radii(params, radii)
-  out = []
-  for (_, w, w0), r in zip(_constrained(params, anchor, mask), rs):
-    if w0 is None or _tree.is_masked(r) or jnp.size(w) == 0:
-      out.append(w)
-    else:
-      d, norms = displacement(w, w0, norm)
-      out.append(project_displacement(w0, d, norms, r, jnp.result_type(w)))
-  return jax.tree.unflatten(jax.tree.structure(params), out)
+  return _map_with_radii(
+      params, anchor, radii, norm, mask,
+      lambda w, r: w,
+      lambda w, w0, d, norms, r: project_displacement(w0, d, norms, r, jnp.result_type(w)))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from experiments import models
 from experiments.weights import (CheckpointError, CheckpointExistsError, load_pretrained,
                                  param_paths, save_params)
 
@@ -86,6 +87,25 @@ def test_dont_load_keeps_the_new_head(tmp_path, new_classes):
   assert loaded["params"]["head"]["bias"].shape == (new_classes,)
   del pretrained["params"]["head"], loaded["params"]["head"]
   assert_trees_equal(loaded, pretrained)
+
+
+def test_fine_tune_a_real_model_with_a_new_head(tmp_path):
+  """Pre-train 10 classes, fine-tune 5: backbone loaded, head kept, forward works."""
+  kwargs = dict(stage_sizes=(1,), widths=(8,), strides=(2,), stem_width=4)
+  x = jnp.ones((2, 8, 8, 3))
+
+  def init(classes, seed):
+    model = models.get_model("resnet_tiny", classes, **kwargs)
+    return model, jax.jit(model.init)(jax.random.key(seed, impl="rbg"), x)
+
+  _, pretrained = init(10, 0)
+  save_params(tmp_path / "pretrained", pretrained)
+  model, fresh = init(5, 1)
+  loaded = load_pretrained(tmp_path / "pretrained", fresh)
+  assert_trees_equal(loaded["params"]["stem"], pretrained["params"]["stem"])
+  assert_trees_equal(loaded["params"]["block1"], pretrained["params"]["block1"])
+  assert_trees_equal(loaded["params"]["head"], fresh["params"]["head"])
+  assert model.apply(loaded, x).shape == (2, 5)
 
 
 def test_shape_mismatch_names_the_path_and_both_shapes(tmp_path):

@@ -1,0 +1,1 @@
+"""Experiments: Flax models, pre-trained weights, data and training entry points."""

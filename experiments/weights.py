@@ -1,0 +1,244 @@
+"""Saving and loading pre-trained weights with orbax (big_vision's ``model_init`` + ``dont_load``).
+
+A checkpoint is one orbax PyTree checkpoint directory holding a params pytree,
+usually the Flax variables ``{'params': ...}``. Parameters are named by their
+'/'-joined key paths (:func:`param_paths`), e.g. ``params/block1/unit1/conv/kernel``.
+
+Fine-tuning starts from the freshly initialised parameters of the new model and
+overwrites every leaf with its pre-trained value, except the leaves whose path
+matches a ``dont_load`` pattern (by default the new head):
+
+  >>> init = model.init(rng, images)                      # doctest: +SKIP
+  >>> params = load_pretrained("/ckpts/pretrained", init)  # doctest: +SKIP
+
+Loaded arrays get the sharding of the corresponding ``init`` leaves, so a
+checkpoint written from any mesh restores onto any other.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointExistsError",
+    "load_pretrained",
+    "param_paths",
+    "save_params",
+]
+
+PyTree = Any
+
+DEFAULT_DONT_LOAD = ("^params/head/.*",)
+_TMP_MARKER = ".orbax-checkpoint-tmp"  # orbax writes into <path><marker>... then renames
+_MAX_LISTED = 20
+
+
+class CheckpointError(ValueError):
+  """A checkpoint path that is missing, unreadable, incomplete or corrupt."""
+
+
+class CheckpointExistsError(CheckpointError, FileExistsError):
+  """:func:`save_params` refuses to overwrite an existing path."""
+
+
+def _key_str(key: Any) -> str:
+  if isinstance(key, jax.tree_util.DictKey):
+    return str(key.key)
+  if isinstance(key, jax.tree_util.GetAttrKey):
+    return key.name
+  if isinstance(key, jax.tree_util.SequenceKey):
+    return str(key.idx)
+  if isinstance(key, jax.tree_util.FlattenedIndexKey):
+    return str(key.key)
+  raise TypeError(f"unsupported pytree key {key!r}")
+
+
+def _flatten(tree: PyTree) -> tuple[list[str], list[Any], Any]:
+  """(paths, leaves, treedef) of ``tree``; raises ``ValueError`` if two leaves share a path."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  paths = ["/".join(_key_str(k) for k in path) for path, _ in flat]
+  if len(set(paths)) != len(paths):
+    dups = sorted(p for p, n in collections.Counter(paths).items() if n > 1)
+    raise ValueError(f"several leaves share the path(s) {dups}")
+  return paths, [leaf for _, leaf in flat], treedef
+
+
+def param_paths(tree: PyTree) -> list[str]:
+  """The '/'-joined key paths of the leaves of ``tree``, in flattening order.
+
+  Dict keys, attribute names and sequence indices are joined with '/', e.g.
+  ``{'params': {'head': {'kernel': w}}, 'x': [a, b]}`` gives
+  ``['params/head/kernel', 'x/0', 'x/1']``.
+  """
+  return _flatten(tree)[0]
+
+
+def _listing(items: Sequence[str]) -> str:
+  shown = ", ".join(items[:_MAX_LISTED])
+  more = len(items) - _MAX_LISTED
+  return shown + (f", ... and {more} more" if more > 0 else "")
+
+
+def _absolute(path: str | os.PathLike[str]) -> epath.Path:
+  return epath.Path(os.path.abspath(os.fspath(path)))
+
+
+def save_params(path: str | os.PathLike[str], params: PyTree) -> None:
+  """Writes the params pytree ``params`` as an orbax checkpoint directory ``path``.
+
+  Orbax writes into a temporary sibling directory and renames it to ``path``
+  only when everything is written, so ``path`` never holds a partial
+  checkpoint. Call it from every process (multi-host): orbax coordinates them.
+
+  Args:
+    path: the checkpoint directory to create; it must not exist.
+    params: a pytree of ``jax.Array`` (any sharding) or NumPy arrays.
+
+  Raises:
+    CheckpointExistsError: ``path`` exists; it is left untouched.
+  """
+  directory = _absolute(path)
+  if directory.exists():
+    raise CheckpointExistsError(
+        f"refusing to overwrite {directory}: it already exists (choose a new path "
+        "or delete it first)")
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+    checkpointer.save(directory, args=ocp.args.PyTreeSave(params))
+
+
+def _read_metadata(directory: epath.Path) -> tuple[list[str], list[Any], Any]:
+  """(paths, per-leaf metadata, treedef) of the checkpoint, or a CheckpointError."""
+  if not directory.exists():
+    raise CheckpointError(f"no checkpoint at {directory}: the path does not exist")
+  if not directory.is_dir():
+    raise CheckpointError(f"no checkpoint at {directory}: not a directory")
+  if _TMP_MARKER in directory.name:
+    raise CheckpointError(f"{directory} is an unfinished orbax write, not a checkpoint")
+  if not (directory / "_METADATA").exists():
+    inner = sorted(d.name for d in directory.iterdir() if (d / "_METADATA").exists())
+    hint = f"; it holds the checkpoint item(s) {inner}: pass one of them" if inner else ""
+    raise CheckpointError(
+        f"{directory} is not an orbax PyTree checkpoint (no _METADATA file){hint}")
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    tree = handler.metadata(directory).tree
+  except Exception as e:  # orbax/tensorstore raise many types for corrupt files
+    raise CheckpointError(
+        f"cannot read the checkpoint metadata in {directory} (corrupt or partial "
+        f"checkpoint?): {type(e).__name__}: {e}") from e
+  finally:
+    handler.close()
+  return _flatten(tree)
+
+
+def _restore_arg(leaf: Any) -> ocp.RestoreArgs:
+  """Restore as a jax.Array with the leaf's sharding, or else as a NumPy array."""
+  sharding = getattr(leaf, "sharding", None)
+  dtype = np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
+  if isinstance(sharding, jax.sharding.Sharding):
+    return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=tuple(leaf.shape), dtype=dtype)
+  return ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)
+
+
+def _check_compatible(init: dict[str, Any], ckpt: dict[str, Any], loaded: list[str],
+                      skipped_ckpt: set[str], directory: epath.Path) -> None:
+  missing = [p for p in loaded if p not in ckpt]
+  unexpected = [p for p in ckpt if p not in init and p not in skipped_ckpt]
+  mismatched = [
+      f"{p}: checkpoint {tuple(ckpt[p].shape)} vs model {tuple(np.shape(init[p]))}"
+      for p in loaded if p in ckpt and tuple(ckpt[p].shape) != tuple(np.shape(init[p]))
+  ]
+  problems = []
+  if mismatched:
+    problems.append(f"shape mismatch for {len(mismatched)} parameter(s): "
+                    + _listing(mismatched))
+  if missing:
+    problems.append(f"{len(missing)} parameter(s) of the model missing from the checkpoint: "
+                    + _listing(missing))
+  if unexpected:
+    problems.append(f"{len(unexpected)} checkpoint parameter(s) not used by the model: "
+                    + _listing(unexpected))
+  if problems:
+    raise ValueError(
+        f"checkpoint {directory} does not fit the model (add patterns to dont_load to keep "
+        "parameters at their init values):\n  " + "\n  ".join(problems))
+
+
+def load_pretrained(path: str | os.PathLike[str], init_params: PyTree,
+                    dont_load: str | Sequence[str] = DEFAULT_DONT_LOAD) -> PyTree:
+  """The pre-trained parameters at ``path`` merged into ``init_params``.
+
+  A leaf whose path (:func:`param_paths`) matches one of the ``dont_load``
+  regexes (``re.fullmatch``) keeps its value from ``init_params``; every other
+  leaf is read from the checkpoint, must have the init leaf's shape, and is cast
+  to its dtype. Checkpoint leaves that the model does not use are an error
+  unless they match ``dont_load``. Only the needed leaves are read.
+
+  Placement follows the init leaf: a ``jax.Array`` (or a ``jax.ShapeDtypeStruct``
+  with a sharding) gets a ``jax.Array`` with the same sharding, whatever mesh the
+  checkpoint was written from; anything else (NumPy) gets a NumPy array.
+
+  Args:
+    path: an orbax checkpoint directory written by :func:`save_params`.
+    init_params: the freshly initialised parameters of the fine-tuning model.
+    dont_load: regexes (or one regex) of the paths not to load; the default
+      keeps the head.
+
+  Returns:
+    A pytree with the structure of ``init_params``.
+
+  Raises:
+    CheckpointError: ``path`` is missing, not an orbax checkpoint, or corrupt.
+    ValueError: a shape mismatch, model parameters missing from the
+      checkpoint, or unused checkpoint parameters (all named by path).
+  """
+  directory = _absolute(path)
+  patterns = [re.compile(p) for p in ([dont_load] if isinstance(dont_load, str) else dont_load)]
+
+  def skip(p: str) -> bool:
+    return any(r.fullmatch(p) for r in patterns)
+
+  init_paths, init_leaves, init_def = _flatten(init_params)
+  ckpt_paths, ckpt_meta, ckpt_def = _read_metadata(directory)
+  for r in patterns:
+    if not any(r.fullmatch(p) for p in (*init_paths, *ckpt_paths)):
+      warnings.warn(f"dont_load pattern {r.pattern!r} matches no parameter", stacklevel=2)
+
+  init = dict(zip(init_paths, init_leaves))
+  ckpt = dict(zip(ckpt_paths, ckpt_meta))
+  loaded = [p for p in init_paths if not skip(p)]
+  _check_compatible(init, ckpt, loaded, {p for p in ckpt_paths if skip(p)}, directory)
+
+  # Unneeded checkpoint leaves are orbax placeholders: they are not read at all.
+  wanted = set(loaded)
+  item = [jax.ShapeDtypeStruct(ckpt[p].shape, ckpt[p].dtype) if p in wanted
+          else ocp.PLACEHOLDER for p in ckpt_paths]
+  args = [_restore_arg(init[p]) if p in wanted else ocp.PLACEHOLDER for p in ckpt_paths]
+  try:
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+      restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
+          item=jax.tree_util.tree_unflatten(ckpt_def, item),
+          restore_args=jax.tree_util.tree_unflatten(ckpt_def, args)))
+  except Exception as e:  # orbax/tensorstore raise many types for corrupt files
+    raise CheckpointError(
+        f"cannot read the arrays of the checkpoint {directory} (corrupt or partial "
+        f"checkpoint?): {type(e).__name__}: {e}") from e
+
+  restored_paths, restored_leaves, _ = _flatten(restored)
+  values = dict(zip(restored_paths, restored_leaves))
+  logging.info("loaded %d of %d parameter tensors from %s; kept %d at init",
+               len(loaded), len(init_paths), directory, len(init_paths) - len(loaded))
+  return jax.tree_util.tree_unflatten(
+      init_def, [values[p] if p in wanted else init[p] for p in init_paths])

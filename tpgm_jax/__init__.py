@@ -6,6 +6,8 @@ package provides the projection as a pure function over pytrees, the radius
 learning (outer loop) as jit-able functions, and an optax transformation.
 """
 
+from tpgm_jax._ftp import FTPState
+from tpgm_jax._ftp import ftp
 from tpgm_jax._projection import channel_norms
 from tpgm_jax._projection import clip_radii
 from tpgm_jax._projection import distance_norms
@@ -22,12 +24,14 @@ from tpgm_jax._tree import leaf_paths
 __version__ = "0.1.0"
 
 __all__ = (
+    "FTPState",
     "RadiiTrainer",
     "TPGMState",
     "channel_norms",
     "check_finite",
     "clip_radii",
     "distance_norms",
+    "ftp",
     "init_radii",
     "learn_radii_post_hoc",
     "leaf_paths",

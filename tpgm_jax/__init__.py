@@ -16,6 +16,8 @@ from tpgm_jax._projection import project
 from tpgm_jax._radii import RadiiTrainer
 from tpgm_jax._radii import learn_radii_post_hoc
 from tpgm_jax._radii import radii_trainer
+from tpgm_jax._spd import SPDState
+from tpgm_jax._spd import spd
 from tpgm_jax._transform import TPGMState
 from tpgm_jax._transform import tpgm
 from tpgm_jax._tree import check_finite
@@ -26,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = (
     "FTPState",
     "RadiiTrainer",
+    "SPDState",
     "TPGMState",
     "channel_norms",
     "check_finite",
@@ -37,5 +40,6 @@ __all__ = (
     "leaf_paths",
     "project",
     "radii_trainer",
+    "spd",
     "tpgm",
 )

@@ -8,6 +8,8 @@ learning (outer loop) as jit-able functions, and an optax transformation.
 
 from tpgm_jax._ftp import FTPState
 from tpgm_jax._ftp import ftp
+from tpgm_jax._l2sp import L2SPState
+from tpgm_jax._l2sp import l2sp
 from tpgm_jax._projection import channel_norms
 from tpgm_jax._projection import clip_radii
 from tpgm_jax._projection import distance_norms
@@ -27,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = (
     "FTPState",
+    "L2SPState",
     "RadiiTrainer",
     "SPDState",
     "TPGMState",
@@ -36,6 +39,7 @@ __all__ = (
     "distance_norms",
     "ftp",
     "init_radii",
+    "l2sp",
     "learn_radii_post_hoc",
     "leaf_paths",
     "project",

@@ -3,11 +3,14 @@
 TPGM (Trainable Projected Gradient Method, Tian et al., CVPR 2023) keeps each
 fine-tuned tensor within a learned distance of its pre-trained value. This
 package provides the projection as a pure function over pytrees, the radius
-learning (outer loop) as jit-able functions, and an optax transformation.
+learning (outer loop) as jit-able functions, and an optax transformation; and,
+on the same core, the related methods FTP (:func:`ftp`), SPD (:func:`spd`),
+L2-SP (:func:`l2sp`) and WiSE-FT (:func:`interpolate`).
 """
 
 from tpgm_jax._ftp import FTPState
 from tpgm_jax._ftp import ftp
+from tpgm_jax._interpolate import interpolate
 from tpgm_jax._l2sp import L2SPState
 from tpgm_jax._l2sp import l2sp
 from tpgm_jax._projection import channel_norms
@@ -39,6 +42,7 @@ __all__ = (
     "distance_norms",
     "ftp",
     "init_radii",
+    "interpolate",
     "l2sp",
     "learn_radii_post_hoc",
     "leaf_paths",

@@ -58,10 +58,19 @@ def channel_norms(d: jax.Array, norm: Norm) -> jax.Array:
   """
   _check_norm(norm)
   if norm == "l2":
-    return jnp.sqrt(jnp.sum(jnp.square(d)))
-  if d.ndim >= 2:
-    return jnp.sum(jnp.abs(d), axis=tuple(range(d.ndim - 1)))
-  return jnp.sum(jnp.abs(d))
+    return jnp.sqrt(channel_sum(jnp.square(d), norm))
+  return channel_sum(jnp.abs(d), norm)
+
+
+def channel_sum(x: jax.Array, norm: Norm) -> jax.Array:
+  """Sums ``x`` over the axes that one distance norm of ``norm`` reduces.
+
+  Every axis but the last for ``"mars"`` at rank >= 2 (shape ``(out,)``),
+  every axis otherwise (shape ``()``): the shape of :func:`channel_norms`.
+  """
+  if norm == "mars" and x.ndim >= 2:
+    return jnp.sum(x, axis=tuple(range(x.ndim - 1)))
+  return jnp.sum(x)
 
 
 def max_norm(norms: jax.Array) -> jax.Array:

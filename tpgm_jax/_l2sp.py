@@ -1,0 +1,89 @@
+"""L2-SP: an L2 penalty toward the starting point, as a gradient transformation."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from tpgm_jax import _projection, _tree, _wrapper
+from tpgm_jax._transform import anchor_tree
+
+PyTree = Any
+
+
+class L2SPState(NamedTuple):
+  """State of :func:`l2sp`.
+
+  Attributes:
+    anchor: the pre-trained value ``w0`` of every anchored tensor (shape,
+      dtype and sharding of the parameter), recorded by ``init``;
+      ``optax.MaskedNode()`` for the others.
+  """
+  anchor: PyTree
+
+
+def l2sp(alpha: float | jax.Array, beta: float | jax.Array = 0.0,
+         mask: _tree.Mask = None) -> optax.GradientTransformation:
+  """Adds the gradient of the L2-SP penalty to the updates.
+
+  The penalty ``alpha / 2 ||w_S - w0_S||^2 + beta / 2 ||w_N||^2`` (``S`` the
+  anchored tensors, ``N`` the other floating-point tensors, e.g. a new head)
+  has the gradient added here::
+
+      u' = u + alpha * (w - w0)   for anchored tensors
+      u' = u + beta * w           for the other floating-point tensors
+
+  Place it before the optimizer, like ``optax.add_decayed_weights``:
+  ``optax.chain(tpgm_jax.l2sp(alpha), optax.sgd(lr, momentum=0.9))``.
+  The anchor ``w0`` is recorded by ``init`` (call it on the pre-trained
+  parameters).
+
+  Args:
+    alpha: strength of the pull toward the anchor (float or scalar array).
+    beta: plain weight decay of the unanchored tensors (0 by default).
+    mask: which tensors are anchored: ``None`` (every floating-point tensor),
+      a callable on the parameter path, or a pytree of static bools. Exclude
+      a freshly initialised head (it has no meaningful pre-trained value).
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`L2SPState`; its
+    ``update`` raises ``ValueError`` if ``params`` is missing or does not
+    match the anchor.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, tpgm_jax
+    >>> w0 = {"w": jnp.zeros(2), "head": jnp.ones(2)}
+    >>> tx = tpgm_jax.l2sp(0.1, beta=0.5, mask={"w": True, "head": False})
+    >>> state = tx.init(w0)
+    >>> params = {"w": jnp.array([1.0, -2.0]), "head": jnp.ones(2)}
+    >>> grads = jax.tree.map(jnp.zeros_like, params)
+    >>> u, _ = tx.update(grads, state, params)
+    >>> u["w"].tolist(), u["head"].tolist()
+    ([0.10000000149011612, -0.20000000298023224], [0.5, 0.5])
+
+  References:
+    Li, Grandvalet, Davoine, "Explicit Inductive Bias for Transfer Learning
+    with Convolutional Networks", ICML 2018, arXiv:1802.01483.
+  """
+  decay_others = not (isinstance(beta, (int, float)) and beta == 0)
+
+  def init_fn(params):
+    return L2SPState(anchor=anchor_tree(params, mask))
+
+  def update_fn(updates, state, params=None):
+    _wrapper.require_params(params, "l2sp")
+    constrained = _projection._constrained(params, state.anchor, None)
+    out = []
+    for (_, w, w0), u in zip(constrained, _tree.align(params, updates, "updates")):
+      ct = _projection.compute_dtype(jnp.result_type(w))
+      if w0 is not None:
+        u = (u.astype(ct) + alpha * (w.astype(ct) - w0.astype(ct))).astype(u.dtype)
+      elif decay_others and _tree.is_float(w) and not _tree.is_masked(u):
+        u = (u.astype(ct) + beta * w.astype(ct)).astype(u.dtype)
+      out.append(u)
+    return jax.tree.unflatten(jax.tree.structure(params), out), state
+
+  return optax.GradientTransformation(init_fn, update_fn)

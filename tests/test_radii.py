@@ -127,3 +127,17 @@ def test_fine_tuning_recipe_converges_to_known_optimum():
   np.testing.assert_allclose(params["w"], a * u, rtol=5e-2, atol=5e-3)
   # Without TPGM the same SGD run reaches the training optimum instead.
   assert np.linalg.norm(a * u - u) > 10 * np.linalg.norm(params["w"] - a * u)
+
+
+def test_bfloat16_params_keep_float32_radii():
+  w, w0, targets, _, np_loss = _problem()
+  loss = lambda p, t: jnp.sum((p["k"].astype(jnp.float32) - t) ** 2)
+  p, a = {"k": jnp.asarray(w, jnp.bfloat16)}, {"k": jnp.asarray(w0, jnp.bfloat16)}
+  trainer = tpgm_jax.radii_trainer(loss, max_iters=3)
+  radii = tpgm_jax.init_radii(p, a)
+  assert radii["k"].dtype == jnp.float32
+  new, state, losses = jax.jit(trainer.update)(radii, trainer.init(radii), p, a, targets)
+  assert new["k"].dtype == jnp.float32 and np.all(np.isfinite(np.asarray(losses)))
+  ref, _, _ = trainer.update(radii, trainer.init(radii), {"k": jnp.asarray(p["k"], jnp.float32)},
+                             {"k": jnp.asarray(a["k"], jnp.float32)}, targets)
+  np.testing.assert_allclose(float(new["k"]), float(ref["k"]), rtol=1e-3)

@@ -1,0 +1,81 @@
+"""The default experiment: the offline shapes benchmark, sized for a ~10 minute CPU run.
+
+Pre-train a small GroupNorm ResNet on every domain of ``multidomain_shapes``
+(cached), fine-tune it on ``real`` with every method in ``config.methods``, and
+evaluate on the ``real`` test split (ID) and on sketch / painting / clipart
+(OOD). See the field comments for what each knob does.
+"""
+
+from ml_collections import ConfigDict
+
+
+def get_config() -> ConfigDict:
+  c = ConfigDict()
+  c.name = "default"  # results go to <workdir>/<name>/
+  c.seed = 0
+
+  # Data: a task preset of experiments.data.pipeline.get_task.
+  c.data = ConfigDict()
+  c.data.task = "shapes"
+  c.data.task_kwargs = ConfigDict({"config": "default"})
+  c.data.data_dir = ""  # TFDS data_dir; "" means <workdir>/data
+  c.data.hflip = False
+  c.data.eval_batch_size = 500
+
+  # Model: a preset of experiments.models.get_model with attribute overrides.
+  # stem_stride=2 makes resnet_tiny ~4x cheaper on 32x32 images.
+  c.model = ConfigDict()
+  c.model.name = "resnet_tiny"
+  c.model.overrides = ConfigDict({"stem_stride": 2})
+
+  # The pre-trained checkpoint. With checkpoint="" it is built by
+  # experiments.pretrain on the task's pretrain split and cached under
+  # <cache_dir>/pretrained/<model>-<data config>-<hash of this section and the model>.
+  c.pretrain = ConfigDict()
+  c.pretrain.checkpoint = ""  # a path to use an existing params checkpoint instead
+  c.pretrain.cache_dir = ""  # "" means <workdir>/cache
+  c.pretrain.split = "pretrain"
+  c.pretrain.steps = 700
+  c.pretrain.batch_size = 128
+  c.pretrain.optimizer = ConfigDict(dict(
+      name="adamw", lr=2e-3, weight_decay=1e-4, schedule="cosine", warmup_steps=50))
+
+  # Fine-tuning, shared by every trained method (a method may override any of
+  # these fields in its own section, under `train`).
+  c.train = ConfigDict()
+  c.train.split = "train"
+  c.train.steps = 300
+  c.train.batch_size = 128
+  c.train.optimizer = ConfigDict(dict(
+      name="sgd", lr=0.03, momentum=0.9, nesterov=True, weight_decay=0.0,
+      schedule="cosine", warmup_steps=0))
+  # Parameters not read from the pre-trained checkpoint (regexes on
+  # 'params/...' paths, weights.load_pretrained): the new head.
+  c.train.dont_load = ("^params/head/.*",)
+  # Ordered (regex, group) rules on parameter paths without the 'params/'
+  # prefix; a parameter belongs to the first rule whose regex fully matches,
+  # every parameter must match one rule and every rule some parameter.
+  c.train.param_groups = (("head/.*", "head"), (".*", "backbone"))
+  c.train.frozen = ()  # groups that are not trained (zero updates)
+  c.train.constrained = ("backbone",)  # groups the robust methods keep near the anchor
+  c.train.log_every = 25
+  c.train.checkpoint_every = 100
+  c.train.max_to_keep = 2
+
+  # Methods run by the main job, in order (experiments.methods.METHODS).
+  c.methods = ("ft", "lp", "wise_ft", "tpgm", "lp_ft", "l2sp", "ftp", "spd", "tpgm_post_hoc")
+
+  # Per-method hyper-parameters; `train` overrides fields of c.train.
+  c.lp = ConfigDict(dict(train=dict(frozen=("backbone",),
+                                    optimizer=dict(lr=0.05, nesterov=False))))
+  c.lp_ft = ConfigDict(dict(init_from="lp", train=dict(optimizer=dict(lr=0.01))))
+  c.wise_ft = ConfigDict(dict(source="ft", alphas=(0.25, 0.5, 0.75)))
+  c.tpgm = ConfigDict(dict(norm="mars", proj_freq=10, max_iters=1, lr=1e-2))
+  c.tpgm_post_hoc = ConfigDict(dict(source="ft", norm="mars", steps=50, lr=1e-2, batch_size=128))
+  c.l2sp = ConfigDict(dict(alpha=0.1, beta=0.0))
+  c.ftp = ConfigDict(dict(k=1.0))
+  c.spd = ConfigDict(dict(weight_decay=1.0, train=dict(optimizer=dict(name="adam", lr=1e-3))))
+
+  # Device mesh: axis name -> size (-1: all remaining devices).
+  c.mesh = ConfigDict({"data": -1, "model": 1})
+  return c

@@ -1,0 +1,272 @@
+"""The fine-tuning methods: each is an optax transformation or a post-hoc step.
+
+Every trained method runs through the same loop (:mod:`experiments.train`);
+they differ only in the transformation built here from the inner optimizer
+(``config.train.optimizer``) and the mask of constrained parameters
+(``config.train.constrained``), and in a few hooks:
+
+=================  ===========================================================
+``ft``             the inner optimizer
+``lp``             the same, with the backbone frozen by config (``lp.train.frozen``)
+``lp_ft``          FT started from the LP result (``lp_ft.init_from``)
+``l2sp``           ``chain(l2sp(alpha, beta), inner)``: pull toward the anchor
+``ftp``            ``ftp(inner, k)``: amortised trainable projection
+``spd``            ``spd(inner, weight_decay)``: selective projection decay
+``tpgm``           ``chain(inner, learned_projection(...))``: TPGM during fine-tuning,
+                   radii learned on held-out batches every ``proj_freq`` steps
+``wise_ft``        post hoc: interpolate the pre-trained and ``source`` weights
+``tpgm_post_hoc``  post hoc: learn radii between ``source`` and the pre-trained
+                   weights on the held-out split, project once
+=================  ===========================================================
+
+A method's hyper-parameters are ``config.<name>``; its ``train`` sub-section
+overrides fields of ``config.train`` (see :func:`train_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from ml_collections import ConfigDict
+
+import tpgm_jax
+
+PyTree = Any
+Mask = Callable[[str], bool]
+LossFn = Callable[[PyTree, Any], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What a method's transformation is built from.
+
+  Attributes:
+    cfg: the method's own config section (``config.<name>``).
+    inner: the inner optimizer (``config.train.optimizer``, with its schedule).
+    constrained: mask of the parameters kept near the anchor (never the new head).
+    heldout_loss: ``loss(params, batch) -> scalar`` on a held-out batch.
+  """
+  cfg: ConfigDict
+  inner: optax.GradientTransformation
+  constrained: Mask
+  heldout_loss: LossFn
+
+
+@dataclasses.dataclass(frozen=True)
+class PostHocContext:
+  """What a post-hoc method works from.
+
+  Attributes:
+    cfg: the method's config section.
+    pretrained: the pre-trained parameters; the new head is ``None``.
+    finetuned: the parameters of the ``cfg.source`` run.
+    constrained: mask of the constrained parameters.
+    heldout_loss: as in :class:`Context`.
+    heldout_batches: ``heldout_batches(n)`` yields ``n`` held-out batches.
+  """
+  cfg: ConfigDict
+  pretrained: PyTree
+  finetuned: PyTree
+  constrained: Mask
+  heldout_loss: LossFn
+  heldout_batches: Callable[[int], Iterable[Any]]
+
+
+class PostHocResult(NamedTuple):
+  """Named parameter sets (one per variant) and the learned radii, if any."""
+  params: dict[str, PyTree]
+  radii: PyTree | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One fine-tuning method.
+
+  Attributes:
+    name: registry key and config section name.
+    transform: ``transform(ctx) -> optax transformation`` for a trained method.
+    post_hoc: ``post_hoc(ctx) -> PostHocResult`` for a post-hoc method.
+    heldout: for a transformation whose ``update`` takes ``heldout=`` batches:
+      ``heldout(cfg) -> (every, iters)``: the loop passes ``iters`` held-out
+      batches (stacked on a leading axis) at the steps that are multiples of
+      ``every``, and none at the others.
+    radii: ``radii(opt_state) -> radii pytree`` for methods that learn radii.
+  """
+  name: str
+  transform: Callable[[Context], optax.GradientTransformation] | None = None
+  post_hoc: Callable[[PostHocContext], PostHocResult] | None = None
+  heldout: Callable[[ConfigDict], tuple[int, int]] | None = None
+  radii: Callable[[optax.OptState], PyTree] | None = None
+
+  @property
+  def trained(self) -> bool:
+    return self.transform is not None
+
+
+def train_config(config: ConfigDict, name: str) -> ConfigDict:
+  """``config.train`` with the overrides in ``config.<name>.train`` (deep-merged)."""
+  train = ConfigDict(config.train.to_dict())
+  section = config.get(name)
+  if section is not None and "train" in section:
+    train.update(section.train.to_dict())
+  return train
+
+
+def dependencies(config: ConfigDict, name: str) -> tuple[str, ...]:
+  """The runs ``name`` needs first: its ``init_from`` and ``source``, if any."""
+  section = config.get(name) or {}
+  return tuple(section[k] for k in ("init_from", "source") if section.get(k))
+
+
+def run_order(config: ConfigDict) -> list[str]:
+  """``config.methods`` with their dependencies first, each once."""
+  order: list[str] = []
+
+  def visit(name, chain=()):
+    if name in chain:
+      raise ValueError(f"methods depend on each other in a cycle: {' -> '.join(chain + (name,))}")
+    get(name)
+    for dep in dependencies(config, name):
+      visit(dep, chain + (name,))
+    if name not in order:
+      order.append(name)
+
+  for name in method_names(config):
+    visit(name)
+  return order
+
+
+def method_names(config: ConfigDict) -> list[str]:
+  """``config.methods``; an entry may list several names, comma-separated
+  (``--config.methods=ft,lp`` on the command line)."""
+  return [n.strip() for item in config.methods for n in item.split(",") if n.strip()]
+
+
+# --------------------------------------------------------------------------
+# TPGM during fine-tuning as the last link of a chain.
+
+
+class LearnedProjectionState(NamedTuple):
+  """State of :func:`learned_projection`.
+
+  Attributes:
+    count: int32 scalar, the number of updates so far.
+    radii: one float32 scalar per parameter (unconstrained ones unused).
+    radii_state: the radius optimizer's state.
+    projection: the ``tpgm`` link's state (the anchor).
+  """
+  count: jax.Array
+  radii: PyTree
+  radii_state: optax.OptState
+  projection: tpgm_jax.TPGMState
+
+
+def learned_projection(heldout_loss: LossFn, *, mask: Mask, norm: str = "mars",
+                       max_iters: int = 1, lr: float = 1e-2) -> optax.GradientTransformationExtraArgs:
+  """TPGM during fine-tuning: learn the radii on held-out data, then project.
+
+  The last link of ``optax.chain(inner, learned_projection(...))``. With the
+  inner update ``u`` and candidate ``c = w + u``, each update:
+
+  1. on the first update, ``radii = init_radii(c, anchor)`` (``min(norms) / 2``);
+  2. if ``heldout`` batches are passed: ``max_iters`` Adam steps (``lr``) on
+     the radii, each on the loss of ``project(c, anchor, radii)`` on one
+     held-out batch (``tpgm_jax.radii_trainer``);
+  3. ``w' = project(c, anchor, radii)`` (the ``tpgm`` link).
+
+  ``update(updates, state, params, *, heldout=None)``: pass ``heldout`` (a
+  batch pytree with a leading axis of length ``max_iters``) on the steps
+  where the radii are learned, every ``proj_freq`` steps in the TPGM recipe,
+  and nothing on the others. The choice is static, so a jitted step compiles
+  once per variant; the train loop picks the variant from its host-side step
+  counter. (A ``lax.cond`` on the step would avoid the second compilation, but
+  XLA:CPU runs the model's convolutions ~15x slower inside a conditional:
+  at ``proj_freq=10`` the whole step was 2.5x slower than plain SGD.) The
+  radii and their optimizer state live in the state, so they are checkpointed
+  with the optimizer.
+  """
+  project = tpgm_jax.tpgm(norm=norm, mask=mask)
+  trainer = tpgm_jax.radii_trainer(heldout_loss, norm=norm, mask=mask,
+                                   optimizer=optax.adam(lr), max_iters=max_iters)
+
+  def init_fn(params):
+    radii = jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params)
+    return LearnedProjectionState(jnp.zeros((), jnp.int32), radii, trainer.init(radii),
+                                  project.init(params))
+
+  def update_fn(updates, state, params=None, *, heldout=None, **extra):
+    del extra
+    if params is None:
+      raise ValueError("learned_projection needs the params: update(updates, state, params)")
+    candidate = optax.apply_updates(params, updates)
+    anchor = state.projection.anchor
+    first = tpgm_jax.init_radii(candidate, anchor, norm, mask)
+    radii = jax.tree.map(lambda r, r0: jnp.where(state.count == 0, r0, r), state.radii, first)
+    radii_state = state.radii_state
+    if heldout is not None:
+      radii, radii_state, _ = trainer.update(radii, radii_state, candidate, anchor, heldout)
+    updates, projection = project.update(updates, state.projection, params, radii=radii)
+    return updates, LearnedProjectionState(state.count + 1, radii, radii_state, projection)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _tpgm_radii(opt_state) -> PyTree:
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(
+      s, LearnedProjectionState)) if isinstance(s, LearnedProjectionState)]
+  if len(found) != 1:
+    raise ValueError(f"expected one LearnedProjectionState in the optimizer state, found {len(found)}")
+  return found[0].radii
+
+
+# --------------------------------------------------------------------------
+# Post-hoc methods.
+
+
+def _wise_ft(ctx: PostHocContext) -> PostHocResult:
+  return PostHocResult({
+      f"wise_ft_{alpha:g}": tpgm_jax.interpolate(ctx.pretrained, ctx.finetuned, alpha,
+                                                 ctx.constrained)
+      for alpha in ctx.cfg.alphas})
+
+
+def _tpgm_post_hoc(ctx: PostHocContext) -> PostHocResult:
+  params, radii = tpgm_jax.learn_radii_post_hoc(
+      ctx.heldout_loss, ctx.finetuned, ctx.pretrained, ctx.heldout_batches(ctx.cfg.steps),
+      norm=ctx.cfg.norm, mask=ctx.constrained, optimizer=optax.adam(ctx.cfg.lr))
+  return PostHocResult({"tpgm_post_hoc": params}, radii)
+
+
+# --------------------------------------------------------------------------
+# The registry.
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("ft", transform=lambda ctx: ctx.inner),
+    Method("lp", transform=lambda ctx: ctx.inner),
+    Method("lp_ft", transform=lambda ctx: ctx.inner),
+    Method("l2sp", transform=lambda ctx: optax.chain(
+        tpgm_jax.l2sp(ctx.cfg.alpha, ctx.cfg.beta, mask=ctx.constrained), ctx.inner)),
+    Method("ftp", transform=lambda ctx: tpgm_jax.ftp(ctx.inner, k=ctx.cfg.k,
+                                                     mask=ctx.constrained)),
+    Method("spd", transform=lambda ctx: tpgm_jax.spd(
+        ctx.inner, weight_decay=ctx.cfg.weight_decay, mask=ctx.constrained)),
+    Method("tpgm", heldout=lambda cfg: (cfg.proj_freq, cfg.max_iters), radii=_tpgm_radii,
+           transform=lambda ctx: optax.chain(ctx.inner, learned_projection(ctx.heldout_loss, mask=ctx.constrained,
+                                      norm=ctx.cfg.norm, max_iters=ctx.cfg.max_iters,
+                                      lr=ctx.cfg.lr))),
+    Method("wise_ft", post_hoc=_wise_ft),
+    Method("tpgm_post_hoc", post_hoc=_tpgm_post_hoc),
+)}
+
+
+def get(name: str) -> Method:
+  """The method ``name`` of :data:`METHODS`."""
+  if name not in METHODS:
+    raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+  return METHODS[name]

@@ -1,0 +1,124 @@
+"""Optimizers and parameter groups from configuration.
+
+Parameter groups are ordered ``(regex, group)`` rules on parameter paths
+without the ``params/`` prefix (``'head/kernel'``, ``'block1/unit1/conv/kernel'``),
+as in big_vision: a parameter belongs to the FIRST rule whose regex fully
+matches its path. :func:`param_groups` checks that the rules cover every
+parameter (each by exactly one rule, the first match) and that every rule
+covers at least one, so a typo cannot silently freeze or free a layer. Groups
+then become optax masks: the frozen groups get ``optax.set_to_zero`` through
+``optax.multi_transform`` and the constrained groups are the robust methods'
+``mask``.
+
+Example:
+  >>> rules = (("head/.*", "head"), (".*", "backbone"))
+  >>> groups = param_groups(params, rules)               # doctest: +SKIP
+  >>> groups["head/kernel"], groups["stem/conv/kernel"]  # doctest: +SKIP
+  ('head', 'backbone')
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import optax
+from ml_collections import ConfigDict
+
+import tpgm_jax
+from experiments import weights
+
+PyTree = Any
+Rules = Sequence[tuple[str, str]]
+
+FROZEN, TRAINED = "frozen", "trained"
+
+
+def param_groups(params: PyTree, rules: Rules) -> dict[str, str]:
+  """Path -> group for every leaf of ``params`` under the ordered ``rules``.
+
+  Raises:
+    ValueError: a parameter matches no rule, or a rule matches no parameter
+      (it is shadowed by an earlier rule or misspelt); all are named.
+  """
+  compiled = [(re.compile(pattern), group) for pattern, group in rules]
+  groups, used, unmatched = {}, set(), []
+  for path in tpgm_jax.leaf_paths(params):
+    for i, (regex, group) in enumerate(compiled):
+      if regex.fullmatch(path):
+        groups[path] = group
+        used.add(i)
+        break
+    else:
+      unmatched.append(path)
+  unused = [rules[i][0] for i in range(len(rules)) if i not in used]
+  problems = []
+  if unmatched:
+    problems.append(f"parameters matched by no rule: {weights._listing(unmatched)}")
+  if unused:
+    problems.append(f"rules matching no parameter (misspelt or shadowed by an earlier "
+                    f"rule): {unused}")
+  if problems:
+    raise ValueError(f"param_groups {tuple(map(tuple, rules))} do not cover the model "
+                     "exactly:\n  " + "\n  ".join(problems))
+  return groups
+
+
+def group_mask(params: PyTree, rules: Rules, selected: Sequence[str]) -> Callable[[str], bool]:
+  """A path mask (``path -> bool``) for the parameters of the ``selected`` groups.
+
+  Raises ``ValueError`` for a selected group name that no rule defines.
+  """
+  groups = param_groups(params, rules)
+  unknown = sorted(set(selected) - {g for _, g in rules})
+  if unknown:
+    raise ValueError(f"unknown parameter group(s) {unknown}; the rules define "
+                     f"{sorted({g for _, g in rules})}")
+  chosen = {path for path, g in groups.items() if g in set(selected)}
+  return lambda path: path in chosen
+
+
+def freeze(tx: optax.GradientTransformation, params: PyTree, rules: Rules,
+           frozen: Sequence[str]) -> optax.GradientTransformation:
+  """``tx`` on the trained parameters and zero updates (no state) on the ``frozen`` groups."""
+  if not frozen:
+    return tx
+  is_frozen = group_mask(params, rules, frozen)
+  paths = iter(tpgm_jax.leaf_paths(params))
+  labels = jax.tree.map(lambda _: FROZEN if is_frozen(next(paths)) else TRAINED, params)
+  return optax.multi_transform({TRAINED: tx, FROZEN: optax.set_to_zero()}, labels)
+
+
+def schedule(cfg: ConfigDict, steps: int) -> optax.Schedule:
+  """Learning-rate schedule: ``cfg.schedule`` in {"cosine", "constant"} after ``cfg.warmup_steps``."""
+  warmup = int(cfg.get("warmup_steps", 0))
+  if cfg.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(steps, warmup + 1))
+  if cfg.schedule == "constant":
+    if warmup:
+      return optax.join_schedules(
+          [optax.linear_schedule(0.0, cfg.lr, warmup), optax.constant_schedule(cfg.lr)], [warmup])
+    return optax.constant_schedule(cfg.lr)
+  raise ValueError(f"unknown schedule {cfg.schedule!r}; use 'cosine' or 'constant'")
+
+
+def optimizer(cfg: ConfigDict, steps: int) -> optax.GradientTransformation:
+  """The inner optimizer of ``cfg`` (``name`` in sgd / adam / adamw) over ``steps`` steps.
+
+  ``sgd`` adds ``weight_decay * w`` to the gradient before the momentum (PyTorch's
+  coupled decay, as in the TPGM recipe); ``adamw`` decouples it; ``adam`` has none.
+  """
+  lr = schedule(cfg, steps)
+  wd = float(cfg.get("weight_decay", 0.0))
+  if cfg.name == "sgd":
+    sgd = optax.sgd(lr, momentum=cfg.get("momentum") or None, nesterov=bool(cfg.get("nesterov")))
+    return optax.chain(optax.add_decayed_weights(wd), sgd) if wd else sgd
+  if cfg.name == "adam":
+    if wd:
+      raise ValueError("adam has no weight decay here: use name='adamw'")
+    return optax.adam(lr)
+  if cfg.name == "adamw":
+    return optax.adamw(lr, weight_decay=wd)
+  raise ValueError(f"unknown optimizer {cfg.name!r}; use 'sgd', 'adam' or 'adamw'")

@@ -1,0 +1,43 @@
+"""TPGM's DomainNet recipe: ResNet-50 fine-tuned on real, OOD sketch / painting / clipart / infograph.
+
+SGD (momentum 0.9, Nesterov, weight decay 5e-4) with a cosine schedule, and
+TPGM with a radius update at every step (``proj_freq=1``, ``max_iters=1``,
+MARS norms), as in Tian et al., CVPR 2023. Needs data and weights prepared
+beforehand:
+
+* TFDS ``domainnet`` in array_record format in ``--config.data.data_dir``
+  (see experiments/data/pipeline.py: DatasetNotPreparedError says how);
+* pre-trained ResNet-50 params (e.g. converted CLIP RN50 weights) saved with
+  ``experiments.weights.save_params`` as ``{'params': ...}`` in the layout of
+  ``experiments.models.ResNet50``: ``--config.pretrain.checkpoint=PATH``.
+"""
+
+from ml_collections import ConfigDict
+
+from experiments.configs import default
+
+
+def get_config() -> ConfigDict:
+  c = default.get_config()
+  c.name = "domainnet_resnet50"
+  c.data.task = "domainnet"
+  c.data.task_kwargs = ConfigDict(dict(
+      id_domain="real", ood_domains=("sketch", "painting", "clipart", "infograph")))
+  c.data.hflip = True
+  c.data.eval_batch_size = 256
+  c.model.name = "resnet50"
+  c.model.overrides = ConfigDict()
+  c.pretrain.checkpoint = ""  # required: the pre-trained ResNet-50 (see the module doc)
+
+  c.train.steps = 30_000  # ~50 epochs of DomainNet real at batch 256
+  c.train.batch_size = 256
+  c.train.optimizer = ConfigDict(dict(
+      name="sgd", lr=1e-2, momentum=0.9, nesterov=True, weight_decay=5e-4,
+      schedule="cosine", warmup_steps=0))
+  c.train.log_every = 100
+  c.train.checkpoint_every = 1000
+  c.lp.train.optimizer.lr = 1e-1
+
+  c.tpgm = ConfigDict(dict(norm="mars", proj_freq=1, max_iters=1, lr=1e-2))
+  c.methods = ("ft", "lp", "wise_ft", "tpgm")
+  return c

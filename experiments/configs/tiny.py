@@ -1,0 +1,27 @@
+"""A seconds-long smoke run of the whole pipeline: tiny data, a ~1.5k-parameter CNN, few steps.
+
+  python -m experiments.main --config experiments/configs/tiny.py --workdir /tmp/tiny
+"""
+
+from ml_collections import ConfigDict
+
+from experiments.configs import default
+
+
+def get_config() -> ConfigDict:
+  c = default.get_config()
+  c.name = "tiny"
+  c.data.task_kwargs.config = "tiny"
+  c.data.eval_batch_size = 16
+  c.model.overrides = ConfigDict(dict(stage_sizes=(1,), widths=(8,), strides=(1,),
+                                      stem_width=8, stem_stride=2, norm_groups=4))
+  c.pretrain.steps = 4
+  c.pretrain.batch_size = 8
+  c.train.steps = 4
+  c.train.batch_size = 8
+  c.train.log_every = 2
+  c.train.checkpoint_every = 2
+  c.tpgm.proj_freq = 2
+  c.tpgm_post_hoc.steps = 2
+  c.tpgm_post_hoc.batch_size = 8
+  return c

@@ -1,0 +1,120 @@
+"""Pre-training on the task's pre-training split, cached by configuration.
+
+The default pre-trained checkpoint of a configuration is
+``<cache_dir>/pretrained/<model>-<data>-<hash>/params``, where the hash covers
+everything that determines it (model, data, ``config.pretrain``, seed). It is
+built on first use by the same train loop as fine-tuning (so an interrupted
+pre-training resumes), reused afterwards and never overwritten. A
+``config.pretrain.checkpoint`` path replaces it (it is then never built).
+
+Command line::
+
+  python -m experiments.pretrain [--workdir runs] [--config experiments/configs/default.py]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+from etils import epath
+from ml_collections import ConfigDict
+
+from experiments import train, weights
+from experiments.data import pipeline, shapes
+
+PRETRAIN_DEFAULTS = dict(split="pretrain", log_every=25, checkpoint_every=100, max_to_keep=1)
+
+
+def data_dir(config: ConfigDict, workdir: str | os.PathLike) -> str | None:
+  """``config.data.data_dir``; when empty, ``<workdir>/data`` for the built-in benchmark and
+  TFDS's default (``None``) for datasets prepared beforehand."""
+  if config.data.data_dir:
+    return config.data.data_dir
+  return os.fspath(epath.Path(workdir) / "data") if get_task(config).builtin_config else None
+
+
+def get_task(config: ConfigDict) -> pipeline.Task:
+  return pipeline.get_task(config.data.task, **config.data.task_kwargs.to_dict())
+
+
+def get_model(config: ConfigDict, task: pipeline.Task):
+  from experiments import models  # noqa: PLC0415 (flax import kept out of config loading)
+  return models.get_model(config.model.name, task.num_classes, **config.model.overrides.to_dict())
+
+
+def prepare_data(config: ConfigDict, workdir: str | os.PathLike) -> None:
+  """Builds the built-in benchmark on process 0 if it is missing, then syncs processes."""
+  task = get_task(config)
+  if task.builtin_config is not None and jax.process_index() == 0:
+    shapes.prepare(task.builtin_config, data_dir(config, workdir))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    multihost_utils.sync_global_devices("prepare_data")
+
+
+def cache_key(config: ConfigDict) -> str:
+  """``<model>-<data>-<hash>`` naming the pre-trained checkpoint of ``config``."""
+  section = {k: v for k, v in config.pretrain.to_dict().items()
+             if k not in ("checkpoint", "cache_dir")}
+  identity = {"model": config.model.to_dict(), "data": {
+      "task": config.data.task, "task_kwargs": config.data.task_kwargs.to_dict()},
+      "pretrain": section, "seed": config.seed}
+  data = "_".join([config.data.task, *map(str, config.data.task_kwargs.to_dict().values())])
+  return f"{config.model.name}-{data}-{train.config_hash(identity)}"
+
+
+def run_dir(config: ConfigDict, workdir: str | os.PathLike) -> epath.Path:
+  """The pre-training run's directory (its ``params`` is the checkpoint)."""
+  cache = config.pretrain.cache_dir or os.fspath(epath.Path(workdir) / "cache")
+  return epath.Path(cache) / "pretrained" / cache_key(config)
+
+
+def train_config(config: ConfigDict) -> ConfigDict:
+  cfg = ConfigDict(PRETRAIN_DEFAULTS)
+  cfg.update({k: v for k, v in config.pretrain.to_dict().items()
+              if k not in ("checkpoint", "cache_dir")})
+  return cfg
+
+
+def pretrained_checkpoint(config: ConfigDict, workdir: str | os.PathLike, *,
+                          mesh=None, progress: bool = True) -> epath.Path:
+  """The pre-trained params checkpoint of ``config``, pre-training it first if needed."""
+  if config.pretrain.checkpoint:
+    path = epath.Path(config.pretrain.checkpoint)
+    if not path.exists():
+      raise weights.CheckpointError(f"config.pretrain.checkpoint={path} does not exist")
+    return path
+  directory = run_dir(config, workdir)
+  if (directory / "params").exists():
+    return directory / "params"
+  task = get_task(config)
+  if task.pretrain is None:
+    raise ValueError(
+        f"task {task.name!r} has no pre-training split: set config.pretrain.checkpoint to a "
+        "params checkpoint (experiments.weights.save_params format, {'params': ...})")
+  from experiments import distributed  # noqa: PLC0415
+  mesh = mesh if mesh is not None else distributed.make_mesh(config.mesh.to_dict())
+  prepare_data(config, workdir)
+  run = train.Run(name="pretrain", model=get_model(config, task), task=task, mesh=mesh,
+                  seed=config.seed, data_dir=data_dir(config, workdir), progress=progress,
+                  metadata={"pretrain": cache_key(config)})
+  train.train(train_config(config), directory, run)
+  return directory / "params"
+
+
+def main(argv=None) -> int:
+  from experiments import cli  # noqa: PLC0415 (defines the absl flags)
+  config, workdir = cli.parse(sys.argv if argv is None else argv)
+  try:
+    path = pretrained_checkpoint(config, workdir)
+  except train.Preempted as e:
+    print(e, file=sys.stderr)
+    return 0
+  print(f"pre-trained checkpoint: {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,362 @@
+"""One training loop for pre-training and for every fine-tuning method.
+
+:func:`train` runs ``cfg.steps`` steps of one run in ``workdir``::
+
+  workdir/ckpt/<step>/   Checkpointer: the whole train state (see below)
+  workdir/metrics.jsonl  one JSON line per step (process 0 only)
+  workdir/params/        the final ``{"params": ...}`` (weights.save_params), written once
+
+The train state is a dict ``{"step", "params", "opt_state", "anchor", "rng"}``:
+``step`` (int32) counts the updates and is also the data position (step ``i``
+trains on batch ``i`` of the stream, a pure function of ``(seed, i)``), the
+optimizer state holds everything a method learns besides the parameters
+(TPGM's radii and their Adam state included), ``anchor`` is the parameters the
+run started from (``None`` when pre-training) and ``rng`` is PRNG key data.
+Start-up order: resume from the latest checkpoint in ``workdir``, else
+``init_params`` (e.g. the pre-trained checkpoint), else a fresh init.
+
+The step is built as ``jax.eval_shape`` -> shardings
+(:func:`experiments.distributed.state_sharding`) -> ``jax.jit(...,
+in_shardings, out_shardings, donate_argnums=0)``. The host fetches the
+metrics only every ``cfg.log_every`` steps and before each checkpoint; a
+non-finite loss then stops the run (:class:`NonFiniteLossError`) before a bad
+state is saved. SIGTERM saves the state and raises :class:`Preempted`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+from etils import epath
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from ml_collections import ConfigDict
+
+import tpgm_jax
+from experiments import checkpointing, distributed, methods, optim, weights
+from experiments.data import pipeline
+
+PyTree = Any
+ALL_PARAMS = ((".*", "all"),)
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or infinite."""
+
+
+class Preempted(Exception):
+  """The run stopped on SIGTERM after saving its state; run it again to resume."""
+
+
+def config_hash(cfg: Any) -> str:
+  """A short stable hash of a config (ConfigDict, dict or JSON-able value)."""
+  value = cfg.to_dict() if isinstance(cfg, ConfigDict) else cfg
+  text = json.dumps(value, sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def cross_entropy(model: nn.Module, params: PyTree, batch: dict[str, jax.Array]) -> jax.Array:
+  """Mean softmax cross-entropy of ``model`` on ``batch`` (``image``, ``label``)."""
+  logits = model.apply({"params": params}, batch["image"])
+  return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+
+def dummy_images(image_size: int) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+
+
+def _select(tree: PyTree, mask: Callable[[str], bool] | None) -> list[Any]:
+  """The leaves of ``tree`` whose path ``mask`` selects (none for ``mask=None``)."""
+  if mask is None:
+    return []
+  return [x for p, x in zip(tpgm_jax.leaf_paths(tree), jax.tree.leaves(tree)) if mask(p)]
+
+
+def step_metrics(params, anchor, radii, mask) -> dict[str, jax.Array]:
+  """Distance to the anchor (global L2, max per-channel MARS) and a radii summary."""
+  out = {}
+  if anchor is not None and mask is not None:
+    diffs = [w - w0 for w, w0 in zip(_select(params, mask),
+                                     _select(anchor, mask))]
+    if diffs:
+      out["distance_l2"] = jnp.sqrt(sum(jnp.sum(jnp.square(d)) for d in diffs))
+      out["distance_mars_max"] = jnp.max(jnp.stack(
+          [jnp.max(tpgm_jax.channel_norms(d, "mars")) for d in diffs]))
+  if radii is not None:
+    # The projection floors the radii at 1e-8 (tpgm_jax.clip_radii).
+    rs = jnp.maximum(jnp.stack(_select(radii, mask)), 1e-8)
+    out.update(radius_min=rs.min(), radius_mean=rs.mean(), radius_max=rs.max())
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """Everything :func:`train` needs besides the train config.
+
+  Attributes:
+    name: the run's name (logs, errors, checkpoint metadata).
+    model: the Flax module.
+    task: the data task; the run trains on split ``cfg.split``.
+    mesh: the device mesh.
+    seed: data order and init seed.
+    method: the fine-tuning method (``None``: the plain optimizer, no anchor).
+    method_cfg: the method's config section.
+    init_params: ``init_params(fresh_params) -> params`` used when there is no
+      checkpoint to resume (e.g. load the pre-trained weights); ``None`` keeps
+      the fresh init.
+    data_dir: TFDS data directory.
+    metadata: JSON-able dict saved with every checkpoint and required to match
+      on resume (a workdir is tied to one configuration).
+    progress: show a progress bar (process 0).
+  """
+  name: str
+  model: nn.Module
+  task: pipeline.Task
+  mesh: Mesh
+  seed: int = 0
+  method: methods.Method | None = None
+  method_cfg: ConfigDict | None = None
+  init_params: Callable[[PyTree], PyTree] | None = None
+  data_dir: str | None = None
+  metadata: dict[str, Any] | None = None
+  progress: bool = True
+
+
+class _Step(NamedTuple):
+  fn: Callable
+  abstract_state: PyTree
+  shardings: PyTree
+  fresh_params: Callable[[], PyTree]
+  create: Callable[[PyTree], PyTree]
+  radii: Callable[[PyTree], PyTree] | None
+  constrained: Callable[[str], bool] | None
+
+
+def build_step(cfg: ConfigDict, run: Run) -> _Step:
+  """The jitted train step and the abstract state and shardings of ``run``."""
+  model, mesh, method = run.model, run.mesh, run.method
+  init_key, state_key = jax.random.split(jax.random.key(run.seed))
+  images = dummy_images(run.task.image_size)
+  init_fn = lambda: model.init(init_key, jnp.zeros(images.shape, images.dtype))["params"]
+  abstract_params = jax.eval_shape(init_fn)
+  rules = cfg.get("param_groups", ALL_PARAMS)
+  optim.param_groups(abstract_params, rules)  # every parameter in exactly one group
+  constrained = (optim.group_mask(abstract_params, rules, cfg.constrained)
+                 if method is not None else None)
+  inner = optim.optimizer(cfg.optimizer, cfg.steps)
+  if method is None:
+    tx = inner
+  else:
+    heldout_loss = lambda p, b: cross_entropy(model, p, b)
+    tx = method.transform(methods.Context(run.method_cfg, inner, constrained, heldout_loss))
+  frozen = cfg.get("frozen", ())
+  tx = optim.freeze(tx, abstract_params, rules, frozen)
+  is_frozen = optim.group_mask(abstract_params, rules, frozen)
+  trained = lambda path: not is_frozen(path)
+  radii_fn = method.radii if method is not None else None
+  lr = optim.schedule(cfg.optimizer, cfg.steps)
+
+  def create(params):
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+            "anchor": None if method is None else jax.tree.map(jnp.copy, params),
+            "rng": jax.random.key_data(state_key)}
+
+  abstract_state = jax.eval_shape(create, abstract_params)
+  shardings = distributed.state_sharding(abstract_state, mesh)
+  param_shardings = shardings["params"]
+  replicated = NamedSharding(mesh, P())
+  batch_sh = distributed.batch_sharding(mesh)
+
+  def step(state, batch, heldout):
+    params = state["params"]
+    loss, grads = jax.value_and_grad(lambda p: cross_entropy(model, p, batch))(params)
+    extra = {}
+    if heldout is not None:  # (batch, iters, ...) -> (iters, batch, ...)
+      extra["heldout"] = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), heldout)
+    updates, opt_state = tx.update(grads, state["opt_state"], params, **extra)
+    params = optax.apply_updates(params, updates)
+    radii = radii_fn(opt_state) if radii_fn is not None else None
+    # Frozen gradients are left out: computing them would cost LP a full backward pass.
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(_select(grads, trained)),
+               "lr": lr(state["step"]),
+               **step_metrics(params, state["anchor"], radii, constrained)}
+    rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
+    new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+           "anchor": state["anchor"], "rng": rng}
+    return new, metrics
+
+  heldout_sh = batch_sh if method is not None and method.heldout is not None else None
+  fn = jax.jit(step, in_shardings=(shardings, batch_sh, heldout_sh),
+               out_shardings=(shardings, replicated), donate_argnums=0)
+  fresh = jax.jit(init_fn, out_shardings=param_shardings)
+  create_jit = jax.jit(create, in_shardings=(param_shardings,), out_shardings=shardings)
+  return _Step(fn, abstract_state, shardings, fresh, create_jit, radii_fn, constrained)
+
+
+class _MetricsLog:
+  """Per-step metrics as JSON lines (process 0 only), buffered on device between flushes."""
+
+  def __init__(self, path: epath.Path, start: int, enabled: bool):
+    self.path, self.enabled, self.pending = path, enabled, []
+    if enabled and path.exists():
+      # Steps after the checkpoint we resume from are logged again: drop the old lines.
+      lines = [l for l in path.read_text().splitlines()
+               if l.strip() and json.loads(l)["step"] <= start]
+      path.write_text("".join(l + "\n" for l in lines))
+
+  def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    self.pending.append((step, metrics))
+
+  def flush(self, run_name: str) -> dict[str, float] | None:
+    """Fetches the buffered metrics, stops on a non-finite loss, writes them; the last row."""
+    if not self.pending:
+      return None
+    rows = [{"step": s, **{k: float(v) for k, v in m.items()}}
+            for s, m in jax.device_get(self.pending)]
+    self.pending = []
+    bad = next((r for r in rows if not math.isfinite(r["loss"])), None)
+    if bad is not None:
+      raise NonFiniteLossError(
+          f"{run_name}: the training loss is {bad['loss']} at step {bad['step']}; stopping. "
+          "No checkpoint after the last finite loss was written. Try a lower learning rate.")
+    if self.enabled:
+      with self.path.open("a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return rows[-1]
+
+
+def _data_layout(batch_size: int, mesh: Mesh) -> dict[str, int]:
+  """This process's (index, count) in the pipeline's even split of a global batch."""
+  rows = distributed.process_slice(batch_size, mesh)
+  local = rows.stop - rows.start
+  return {"process_index": rows.start // local, "process_count": batch_size // local}
+
+
+def train(cfg: ConfigDict, workdir: str | epath.Path, run: Run) -> dict[str, Any]:
+  """Runs (or resumes) ``cfg.steps`` training steps of ``run`` in ``workdir``.
+
+  Args:
+    cfg: the train config: ``split``, ``steps``, ``batch_size``, ``optimizer``,
+      ``log_every``, ``checkpoint_every``, ``max_to_keep`` and, for
+      fine-tuning, ``param_groups``, ``frozen``, ``constrained``.
+    workdir: the run's directory (created).
+    run: the model, data, method and initialisation (:class:`Run`).
+
+  Returns:
+    The final train state (its ``params`` are also saved in ``workdir/params``).
+
+  Raises:
+    Preempted: SIGTERM arrived; the state was saved (call again to resume).
+    NonFiniteLossError: the loss became NaN/inf.
+    checkpointing.CheckpointError: a checkpoint in ``workdir`` is corrupt or
+      was written by another configuration.
+  """
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  primary = jax.process_index() == 0
+  built = build_step(cfg, run)
+  metadata = {"run": run.name, **(run.metadata or {})}
+  ckpt = checkpointing.Checkpointer(workdir / "ckpt", max_to_keep=cfg.max_to_keep,
+                                    save_interval_steps=cfg.checkpoint_every)
+  try:
+    state = _initial_state(ckpt, built, run, metadata)
+    start = int(state["step"])
+    layout = _data_layout(cfg.batch_size, run.mesh)
+    source = pipeline.open_source(run.task, cfg.split, run.data_dir)
+    data = pipeline.train_iterator(run.task, cfg.split, batch_size=cfg.batch_size,
+                                   seed=run.seed, step=start, source=source,
+                                   hflip=bool(cfg.get("hflip", False)), **layout)
+    heldout = _heldout_feed(cfg, run, layout)
+    log = _MetricsLog(workdir / "metrics.jsonl", start, primary)
+    bar = tqdm.tqdm(total=cfg.steps, initial=start, desc=run.name, unit="step",
+                    disable=not (primary and run.progress), dynamic_ncols=True)
+    preempted, clock = False, (time.perf_counter(), start)
+    with checkpointing.PreemptionGuard() as guard:
+      for step in range(start, cfg.steps):
+        batch = distributed.global_batch(next(data), run.mesh)
+        state, metrics = built.fn(state, batch, heldout(step))
+        log.add(step + 1, metrics)
+        bar.update(1)
+        done = step + 1
+        stop = guard.should_stop(done)
+        save = stop or done == cfg.steps or ckpt.should_save(done)
+        if save or done % cfg.log_every == 0:
+          last = log.flush(run.name)
+          now = time.perf_counter()
+          rate = (done - clock[1]) * cfg.batch_size / max(now - clock[0], 1e-9)
+          clock = (now, done)
+          bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{rate:.0f}")
+        if save:
+          ckpt.save(done, state, force=True, metadata=metadata)
+        if stop:
+          preempted = True
+          break
+    bar.close()
+    ckpt.wait_until_finished()
+  finally:
+    ckpt.close()
+  if preempted:
+    raise Preempted(f"{run.name}: stopped at step {int(state['step'])} on SIGTERM; the state "
+                    f"is saved in {workdir}: run the same command again to resume")
+  if not (workdir / "params").exists():
+    weights.save_params(workdir / "params", {"params": state["params"]})
+  return state
+
+
+def _initial_state(ckpt, built: _Step, run: Run, metadata: dict[str, Any]):
+  """Resume from the latest checkpoint, else init_params(fresh), else fresh params."""
+  latest = ckpt.latest_step()
+  if latest is not None:
+    saved = ckpt.restore_metadata(latest)
+    if saved is not None and saved != metadata:
+      raise checkpointing.CheckpointError(
+          f"{ckpt.step_directory(latest)} was written by another configuration "
+          f"({saved}, now {metadata}); use another workdir or delete it")
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          built.abstract_state, built.shardings)
+    logging.info("%s: resuming from step %d", run.name, latest)
+    return ckpt.restore(target, latest)
+  params = built.fresh_params()
+  if run.init_params is not None:
+    params = run.init_params(params)
+  return built.create(params)
+
+
+def _heldout_feed(cfg: ConfigDict, run: Run, layout: dict[str, int]):
+  """``feed(step)`` -> the held-out batches due at ``step``, or None; a pure function of it.
+
+  With ``(every, iters) = method.heldout(method_cfg)``, step ``k * every``
+  gets held-out batches ``k * iters .. k * iters + iters - 1`` (stacked on
+  axis 1: axis 0 stays the sharded batch axis); other steps get None, which
+  selects the step's other compiled variant.
+  """
+  method = run.method
+  if method is None or method.heldout is None:
+    return lambda step: None
+  every, iters = method.heldout(run.method_cfg)
+  if every < 1 or iters < 1:
+    raise ValueError(f"{run.name}: held-out batches every {every} steps, {iters} at a time: "
+                     "both must be >= 1")
+  it = pipeline.train_iterator(run.task, "heldout", batch_size=cfg.batch_size,
+                               seed=run.seed + 1, data_dir=run.data_dir, **layout)
+
+  def feed(step):
+    if step % every:
+      return None
+    local = [it.get_batch(step // every * iters + j) for j in range(iters)]
+    return distributed.global_batch({n: np.stack([b[n] for b in local], axis=1)
+                                     for n in local[0]}, run.mesh)
+
+  return feed

@@ -1,0 +1,225 @@
+"""Tests of the training loop (experiments.train) through the driver (experiments.run).
+
+Everything runs on the tiny shapes data with a ~1.5k-parameter CNN
+(``configs/tiny.py``): resume after SIGKILL and SIGTERM (bit-identical), moving a
+checkpoint between 8 devices and 1, the same metrics on 1 and 8 devices and on
+2 processes x 4 devices, corrupt checkpoints and non-finite losses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from experiments import checkpointing, distributed, run, train, weights
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def one_device_mesh():
+  return distributed.make_mesh({"data": 1, "model": 1}, devices=jax.devices()[:1])
+
+
+def read_params(path):
+  """A params checkpoint (weights.save_params) as {path: NumPy array}, from any mesh."""
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    meta = checkpointer.metadata(os.fspath(path)).item_metadata.tree
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+    tree = checkpointer.restore(os.fspath(path), args=ocp.args.PyTreeRestore(
+        restore_args=as_numpy))
+  return dict(zip(weights.param_paths(tree), jax.tree.leaves(tree)))
+
+
+def metrics(path):
+  return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def run_one(config, workdir, name, **kwargs):
+  config.methods = (name,)
+  return run.run_all(config, workdir, progress=False, **kwargs)
+
+
+def test_train_logs_checkpoints_and_reuses_a_finished_run(tiny_config, tmp_path):
+  out = run_one(tiny_config, tmp_path, "tpgm")
+  root = tmp_path / "tiny" / "tpgm"
+  rows = metrics(root / "metrics.jsonl")
+  assert [r["step"] for r in rows] == [1, 2, 3, 4]
+  for key in ("loss", "grad_norm", "lr", "distance_l2", "distance_mars_max", "radius_min",
+              "radius_mean", "radius_max"):
+    assert all(np.isfinite(r[key]) for r in rows), key
+  assert rows[0]["radius_max"] <= rows[0]["distance_mars_max"] + 1e-6  # radii start inside
+  assert sorted(os.listdir(root / "ckpt")) == ["2", "4"]
+  assert (root / "params").exists() and out["results"]["tpgm"]["test"] >= 0
+  assert set(out["results"]) == {"pretrained", "tpgm"}
+  layers = out["layers"]["tpgm"]
+  assert layers["paths"][0].startswith("stem/") and len(layers["radius"]) == len(layers["paths"])
+  # Finished: a second job reuses the run (nothing is trained or rewritten).
+  stamp = (root / "params").stat().st_mtime
+  again = run_one(tiny_config, tmp_path, "tpgm")
+  assert again["results"] == out["results"]
+  assert (root / "params").stat().st_mtime == stamp
+  assert len(metrics(root / "metrics.jsonl")) == 4
+
+
+def test_a_workdir_of_another_configuration_is_not_resumed(tiny_config, tmp_path):
+  run_one(tiny_config, tmp_path, "ft")
+  shutil.rmtree(tmp_path / "tiny" / "ft" / "params")
+  (tmp_path / "tiny" / "ft" / "results.json").unlink()
+  tiny_config.train.optimizer.lr = 0.5
+  with pytest.raises(checkpointing.CheckpointError, match="another configuration"):
+    run_one(tiny_config, tmp_path, "ft")
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tiny_config, tmp_path):
+  tiny_config.train.optimizer.lr = 1e30
+  tiny_config.train.steps = 6
+  tiny_config.train.checkpoint_every = 100
+  with pytest.raises(train.NonFiniteLossError, match="ft: the training loss is nan at step"):
+    run_one(tiny_config, tmp_path, "ft")
+  assert not os.listdir(tmp_path / "tiny" / "ft" / "ckpt")  # nothing saved after the NaN
+
+
+def test_corrupt_checkpoint_is_reported_and_never_replaced(tiny_config, tmp_path):
+  run_one(tiny_config, tmp_path, "ft")
+  root = tmp_path / "tiny" / "ft"
+  shutil.rmtree(root / "params")
+  (root / "results.json").unlink()
+  for path in (root / "ckpt" / "4" / "state").rglob("*"):
+    if path.is_file() and path.parent.name == "d":  # the array data files
+      os.truncate(path, path.stat().st_size // 2)
+  with pytest.raises(checkpointing.CheckpointError, match=r"step 4.*previous complete checkpoint is step 2"):
+    run_one(tiny_config, tmp_path, "ft")
+  assert sorted(os.listdir(root / "ckpt")) == ["2", "4"]
+  assert not (root / "params").exists()
+
+
+def _uninterrupted(config, workdir, mesh):
+  run_one(config, workdir, "tpgm", mesh=mesh)
+  root = workdir / "tiny" / "tpgm"
+  return read_params(root / "params"), metrics(root / "metrics.jsonl")
+
+
+@pytest.fixture(scope="module")
+def long_tpgm(tiny_shared, tmp_path_factory):
+  """A longer tpgm run config (every field but paths) and its uninterrupted result on 8 devices."""
+  from experiments.configs import tiny  # noqa: PLC0415
+  config = tiny.get_config()
+  config.data.data_dir = os.fspath(tiny_shared / "data")
+  config.pretrain.cache_dir = os.fspath(tiny_shared / "cache")
+  config.train.steps = 8
+  config.train.log_every = 1
+  config.train.checkpoint_every = 2
+  config.train.max_to_keep = 10
+  config.tpgm.proj_freq = 3
+  workdir = tmp_path_factory.mktemp("long_tpgm")
+  params, rows = _uninterrupted(config, workdir, None)
+  return config, workdir, params, rows
+
+
+def test_checkpoints_move_between_8_devices_and_1(long_tpgm, tmp_path):
+  config, workdir, ref_params, ref_rows = long_tpgm
+  # The same run on one device logs the same metrics.
+  params1, rows1 = _uninterrupted(config, tmp_path / "one", one_device_mesh())
+  for a, b in zip(rows1, ref_rows):
+    for k in a:
+      np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=1e-6, err_msg=f"{k} step {a['step']}")
+  for direction, (source, mesh) in {"8->1": (workdir, one_device_mesh()),
+                                    "1->8": (tmp_path / "one", None)}.items():
+    # Keep the checkpoint of step 4 of a finished run and resume on the other mesh.
+    resumed = tmp_path / direction.replace(">", "")
+    shutil.copytree(source / "tiny", resumed / "tiny")
+    root = resumed / "tiny" / "tpgm"
+    for item in ("params", "results.json", "ckpt/6", "ckpt/8"):
+      path = root / item
+      shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out = run_one(config, resumed, "tpgm", mesh=mesh)
+    params = read_params(root / "params")
+    for k in ref_params:
+      np.testing.assert_allclose(params[k], ref_params[k], rtol=1e-4, atol=1e-6,
+                                 err_msg=f"{direction} {k}")
+    assert out["results"]["tpgm"]["test"] == pytest.approx(
+        json.loads((workdir / "tiny" / "tpgm" / "results.json").read_text())[
+            "results"]["tpgm"]["test"], abs=10)
+
+
+def _main(config, workdir, *extra, env=None, interrupt=None):
+  """``experiments.main`` on the long tpgm config in a subprocess; ``interrupt=(step, signal)``
+  makes it signal itself once the save of ``step`` has started."""
+  entry = (["-m", "experiments.main"] if interrupt is None else
+           [os.path.join(REPO, "tests", "experiments", "_main_worker.py"), *map(str, interrupt)])
+  args = [f"--workdir={workdir}", f"--config={os.path.join(REPO, 'experiments', 'configs', 'tiny.py')}",
+          f"--config.data.data_dir={config.data.data_dir}",
+          f"--config.pretrain.cache_dir={config.pretrain.cache_dir}",
+          f"--config.train.steps={config.train.steps}", "--config.train.log_every=1",
+          "--config.train.checkpoint_every=2", "--config.train.max_to_keep=10",
+          f"--config.tpgm.proj_freq={config.tpgm.proj_freq}", "--config.methods=tpgm", *extra]
+  return subprocess.Popen([sys.executable, *entry, *args], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_killed_and_preempted_runs_resume_bit_identically(long_tpgm, tmp_path):
+  """SIGKILL during the save of step 4, SIGTERM after the save of step 6, then run to the end:
+  the same bits as the uninterrupted run."""
+  config, _, ref_params, ref_rows = long_tpgm
+  root = tmp_path / "tiny" / "tpgm"
+  out = _main(config, tmp_path, interrupt=(4, "SIGKILL")).communicate(timeout=120)[0]
+  saved = sorted(int(s) for s in os.listdir(root / "ckpt") if s.isdigit())
+  assert saved and saved[-1] <= 4 and not (root / "params").exists(), out[-3000:]
+
+  proc = _main(config, tmp_path, interrupt=(6, "SIGTERM"))
+  out = proc.communicate(timeout=120)[0]
+  assert proc.returncode == 0, out[-3000:]
+  assert "stopped at step 7 on SIGTERM" in out and "run the same command again" in out
+  assert "7" in os.listdir(root / "ckpt") and not (root / "params").exists()
+
+  proc = _main(config, tmp_path)
+  out = proc.communicate(timeout=120)[0]
+  assert proc.returncode == 0, out[-3000:]
+  assert "| tpgm |" in out
+  params = read_params(root / "params")
+  for k in ref_params:
+    np.testing.assert_array_equal(params[k], ref_params[k], err_msg=k)
+  rows = metrics(root / "metrics.jsonl")
+  assert [r["step"] for r in rows] == list(range(1, 9))
+  assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_device(long_tpgm, tmp_path):
+  config, _, ref_params, ref_rows = long_tpgm
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "JAX_PLATFORMS": "cpu"}
+  coordinator = f"localhost:{_free_port()}"
+  procs = [_main(config, tmp_path, f"--coordinator_address={coordinator}", "--num_processes=2",
+                 f"--process_id={i}", "--config.mesh.data=4", "--config.mesh.model=2", env=env)
+           for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  assert "| tpgm |" in outs[0] and "| tpgm |" not in outs[1]  # only process 0 reports
+  rows = metrics(tmp_path / "tiny" / "tpgm" / "metrics.jsonl")
+  assert [r["step"] for r in rows] == list(range(1, 9))
+  for a, b in zip(rows, ref_rows):
+    for k in a:
+      np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=1e-6, err_msg=f"{k} step {a['step']}")
+  params = read_params(tmp_path / "tiny" / "tpgm" / "params")
+  for k in ref_params:
+    np.testing.assert_allclose(params[k], ref_params[k], rtol=1e-4, atol=1e-6, err_msg=k)

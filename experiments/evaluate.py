@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from experiments import distributed
+from experiments import distributed, train
 from experiments.data import pipeline
 
 PyTree = Any
@@ -40,9 +40,7 @@ class Evaluator:
                data_dir: str | None = None):
     self.model, self.task, self.mesh = model, task, mesh
     self.names = tuple(names if names is not None else task.eval_splits())
-    rows = distributed.process_slice(batch_size, mesh)
-    local = rows.stop - rows.start
-    self._layout = {"process_index": rows.start // local, "process_count": batch_size // local}
+    self._layout = train.data_layout(batch_size, mesh)
     self.batch_size = batch_size
     self._sources = {n: pipeline.open_source(task, n, data_dir) for n in self.names}
     self._subsets = {n: pipeline.class_subset(task, n, data_dir) for n in self.names}

@@ -14,6 +14,7 @@ Command line::
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -99,7 +100,9 @@ def pretrained_checkpoint(config: ConfigDict, workdir: str | os.PathLike, *,
   prepare_data(config, workdir)
   run = train.Run(name="pretrain", model=get_model(config, task), task=task, mesh=mesh,
                   seed=config.seed, data_dir=data_dir(config, workdir), progress=progress,
-                  metadata={"pretrain": cache_key(config)})
+                  metadata={"pretrain": cache_key(config)},
+                  param_sharding=functools.partial(distributed.param_sharding,
+                                                   min_size=config.shard_min_size))
   train.train(train_config(config), directory, run)
   return directory / "params"
 

@@ -53,6 +53,11 @@ class Env:
   pretrained: epath.Path
   progress: bool = True
 
+  def param_sharding(self, abstract_params: PyTree, mesh: Mesh) -> PyTree:
+    """``distributed.param_sharding`` with ``config.shard_min_size``."""
+    return distributed.param_sharding(abstract_params, mesh,
+                                      min_size=self.config.shard_min_size)
+
   @functools.cached_property
   def evaluator(self) -> evaluate.Evaluator:
     return evaluate.Evaluator(self.model, self.task, self.mesh, data_dir=self.data_dir,
@@ -107,8 +112,7 @@ def _init(env: Env):
 def _fresh_params(env: Env) -> PyTree:
   """Freshly initialised params, sharded on the mesh like the train state's."""
   init = _init(env)
-  return jax.jit(init, out_shardings=distributed.param_sharding(jax.eval_shape(init),
-                                                                env.mesh))()
+  return jax.jit(init, out_shardings=env.param_sharding(jax.eval_shape(init), env.mesh))()
 
 
 def constrained_mask(env: Env, params: PyTree, name: str):
@@ -158,7 +162,7 @@ def layer_summary(params: PyTree, anchor: PyTree, mask, radii: PyTree | None,
 
 
 def _heldout_batches(env: Env, batch_size: int, seed: int):
-  layout = train._data_layout(batch_size, env.mesh)
+  layout = train.data_layout(batch_size, env.mesh)
   it = pipeline.train_iterator(env.task, "heldout", batch_size=batch_size, seed=seed,
                                data_dir=env.data_dir, **layout)
   return lambda n: (distributed.global_batch(next(it), env.mesh) for _ in range(n))
@@ -174,7 +178,8 @@ def run_method(env: Env, name: str) -> tuple[dict[str, PyTree], dict[str, Any] |
     run = train.Run(name=name, model=env.model, task=env.task, mesh=env.mesh, seed=config.seed,
                     method=method, method_cfg=section, data_dir=env.data_dir,
                     init_params=functools.partial(start_params, env, name=name),
-                    metadata={"identity": identity}, progress=env.progress)
+                    metadata={"identity": identity}, progress=env.progress,
+                    param_sharding=env.param_sharding)
     state = train.train(cfg, env.root / name, run)
     params, anchor = state["params"], state["anchor"]
     radii = method.radii(state["opt_state"]) if method.radii is not None else None

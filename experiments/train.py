@@ -120,6 +120,8 @@ class Run:
     metadata: JSON-able dict saved with every checkpoint and required to match
       on resume (a workdir is tied to one configuration).
     progress: show a progress bar (process 0).
+    param_sharding: ``(abstract_params, mesh) -> shardings`` of the parameters;
+      the rest of the state follows (``distributed.state_sharding``).
   """
   name: str
   model: nn.Module
@@ -132,6 +134,7 @@ class Run:
   data_dir: str | None = None
   metadata: dict[str, Any] | None = None
   progress: bool = True
+  param_sharding: Callable[[PyTree, Mesh], PyTree] = distributed.param_sharding
 
 
 class _Step(NamedTuple):
@@ -174,7 +177,7 @@ def build_step(cfg: ConfigDict, run: Run) -> _Step:
             "rng": jax.random.key_data(state_key)}
 
   abstract_state = jax.eval_shape(create, abstract_params)
-  shardings = distributed.state_sharding(abstract_state, mesh)
+  shardings = distributed.state_sharding(abstract_state, mesh, run.param_sharding)
   param_shardings = shardings["params"]
   replicated = NamedSharding(mesh, P())
   batch_sh = distributed.batch_sharding(mesh)
@@ -237,8 +240,9 @@ class _MetricsLog:
     return rows[-1]
 
 
-def _data_layout(batch_size: int, mesh: Mesh) -> dict[str, int]:
-  """This process's (index, count) in the pipeline's even split of a global batch."""
+def data_layout(batch_size: int, mesh: Mesh) -> dict[str, int]:
+  """This process's ``process_index``/``process_count`` in the input pipeline's even split of
+  a global batch: the rows its devices hold (``distributed.process_slice``)."""
   rows = distributed.process_slice(batch_size, mesh)
   local = rows.stop - rows.start
   return {"process_index": rows.start // local, "process_count": batch_size // local}
@@ -273,7 +277,7 @@ def train(cfg: ConfigDict, workdir: str | epath.Path, run: Run) -> dict[str, Any
   try:
     state = _initial_state(ckpt, built, run, metadata)
     start = int(state["step"])
-    layout = _data_layout(cfg.batch_size, run.mesh)
+    layout = data_layout(cfg.batch_size, run.mesh)
     source = pipeline.open_source(run.task, cfg.split, run.data_dir)
     data = pipeline.train_iterator(run.task, cfg.split, batch_size=cfg.batch_size,
                                    seed=run.seed, step=start, source=source,

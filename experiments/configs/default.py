@@ -70,12 +70,16 @@ def get_config() -> ConfigDict:
                                     optimizer=dict(lr=0.05, nesterov=False))))
   c.lp_ft = ConfigDict(dict(init_from="lp", train=dict(optimizer=dict(lr=0.01))))
   c.wise_ft = ConfigDict(dict(source="ft", alphas=(0.25, 0.5, 0.75)))
-  c.tpgm = ConfigDict(dict(norm="mars", proj_freq=10, max_iters=1, lr=1e-2))
+  c.tpgm = ConfigDict(dict(norm="mars", proj_freq=1, max_iters=1, lr=1e-2))  # the paper recipe
   c.tpgm_post_hoc = ConfigDict(dict(source="ft", norm="mars", steps=50, lr=1e-2, batch_size=128))
   c.l2sp = ConfigDict(dict(alpha=0.1, beta=0.0))
   c.ftp = ConfigDict(dict(k=1.0))
   c.spd = ConfigDict(dict(weight_decay=1.0, train=dict(optimizer=dict(name="adam", lr=1e-3))))
 
-  # Device mesh: axis name -> size (-1: all remaining devices).
+  # Device mesh: axis name -> size (-1: all remaining devices). Parameters with at
+  # least shard_min_size elements are split over "data" (FSDP) and their output
+  # axis over "model" (tensor parallel); smaller ones are replicated
+  # (experiments.distributed.param_sharding).
   c.mesh = ConfigDict({"data": -1, "model": 1})
+  c.shard_min_size = 2**14
   return c

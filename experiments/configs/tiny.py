@@ -24,4 +24,5 @@ def get_config() -> ConfigDict:
   c.tpgm.proj_freq = 2
   c.tpgm_post_hoc.steps = 2
   c.tpgm_post_hoc.batch_size = 8
+  c.shard_min_size = 256  # shard the tiny kernels too, so that tests exercise FSDP / TP
   return c

@@ -70,6 +70,20 @@ def test_train_logs_checkpoints_and_reuses_a_finished_run(tiny_config, tmp_path)
   assert len(metrics(root / "metrics.jsonl")) == 4
 
 
+def test_train_state_is_sharded_like_the_params(tiny_config):
+  env_mesh = distributed.make_mesh({"data": 4, "model": 2})
+  task, name = run.pretrain.get_task(tiny_config), "tpgm"
+  built = train.build_step(run.methods.train_config(tiny_config, name), train.Run(
+      name=name, model=run.pretrain.get_model(tiny_config, task), task=task, mesh=env_mesh,
+      method=run.methods.get(name), method_cfg=tiny_config.tpgm,
+      param_sharding=lambda p, m: distributed.param_sharding(p, m, min_size=256)))
+  kernel = built.shardings["params"]["block1"]["unit1"]["conv"]["kernel"]
+  assert kernel.spec[-1] == "model" and "data" in kernel.spec, kernel.spec  # TP and FSDP
+  assert built.shardings["anchor"]["block1"]["unit1"]["conv"]["kernel"] == kernel
+  radius = built.shardings["opt_state"][1].radii["block1"]["unit1"]["conv"]["kernel"]
+  assert radius.spec == jax.sharding.PartitionSpec()  # radii, step and RNG are replicated
+
+
 def test_a_workdir_of_another_configuration_is_not_resumed(tiny_config, tmp_path):
   run_one(tiny_config, tmp_path, "ft")
   shutil.rmtree(tmp_path / "tiny" / "ft" / "params")

@@ -69,15 +69,18 @@ def summary(results: Mapping[str, Mapping[str, float]], ood: Sequence[str]) -> l
 
 def write(out_dir: str | os.PathLike, results: Mapping[str, Mapping[str, float]],
           ood: Sequence[str], layers: Mapping[str, Mapping[str, Any]] | None = None,
-          info: Mapping[str, Any] | None = None) -> dict[str, epath.Path]:
-  """Writes ``results.json``, ``results.md`` and (with TPGM layers) ``radii.png``; their paths."""
+          info: Mapping[str, Any] | None = None,
+          notes: Sequence[str] = ()) -> dict[str, epath.Path]:
+  """Writes ``results.json``, ``results.md`` (table, comparisons, ``notes``) and (with TPGM
+  layers) ``radii.png``; returns their paths."""
   out_dir = epath.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   rows = with_ood_mean(results, ood)
   paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md"}
   paths["json"].write_text(json.dumps(
       {"results": rows, "ood": list(ood), "info": dict(info or {})}, indent=1))
-  text = markdown_table(results, ood) + "\n\n" + "\n".join(summary(results, ood)) + "\n"
+  text = "\n\n".join([markdown_table(results, ood), "\n".join(summary(results, ood)),
+                      *notes]) + "\n"
   paths["markdown"].write_text(text)
   if layers and any(v.get("radius") is not None for v in layers.values()):
     paths["plot"] = plot_radii(out_dir / "radii.png", layers)

@@ -233,5 +233,11 @@ def run_all(config: ConfigDict, workdir: str | os.PathLike, *, mesh: Mesh | None
     logging.info("%s done in %.1f s", name, timings[f"{name}_s"])
   info = {"config": config.name, "workdir": os.fspath(workdir), "devices": jax.device_count(),
           "wall_s": round(time.perf_counter() - t0, 1), "timings": timings}
-  paths = report.write(env.root, results, list(env.task.ood), layers, info) if primary else {}
+  notes = [f"Accuracy in %; ID test = {env.task.test}, OOD = the {', '.join(env.task.ood)} "
+           "test splits; val (model selection) and held-out (TPGM radii) are disjoint ID splits."]
+  if "pretrained" in results:
+    notes.append("`pretrained`: the pre-trained model with its own head (pre-trained on "
+                 f"{env.task.pretrain}); every method starts from its backbone with a new head.")
+  paths = (report.write(env.root, results, list(env.task.ood), layers, info, notes)
+           if primary else {})
   return {"results": results, "layers": layers, "paths": paths, "info": info}

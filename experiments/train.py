@@ -137,18 +137,26 @@ class Run:
   param_sharding: Callable[[PyTree, Mesh], PyTree] = distributed.param_sharding
 
 
-class _Step(NamedTuple):
+class Step(NamedTuple):
+  """A run's jitted train step and what it needs (see :func:`build_step`).
+
+  Attributes:
+    fn: ``fn(state, batch, heldout) -> (state, metrics)``, jitted with the
+      state donated; ``heldout`` is None except on radius-update steps.
+    abstract_state: ``jax.eval_shape`` of the train state.
+    shardings: the ``NamedSharding`` of every train-state leaf.
+    fresh_params: ``fresh_params()`` -> freshly initialised, sharded params.
+    create: ``create(params)`` -> the initial train state, sharded.
+  """
   fn: Callable
   abstract_state: PyTree
   shardings: PyTree
   fresh_params: Callable[[], PyTree]
   create: Callable[[PyTree], PyTree]
-  radii: Callable[[PyTree], PyTree] | None
-  constrained: Callable[[str], bool] | None
 
 
-def build_step(cfg: ConfigDict, run: Run) -> _Step:
-  """The jitted train step and the abstract state and shardings of ``run``."""
+def build_step(cfg: ConfigDict, run: Run) -> Step:
+  """The train step of ``run``: ``jax.eval_shape`` -> shardings -> ``jax.jit``."""
   model, mesh, method = run.model, run.mesh, run.method
   init_key, state_key = jax.random.split(jax.random.key(run.seed))
   images = dummy_images(run.task.image_size)
@@ -205,7 +213,7 @@ def build_step(cfg: ConfigDict, run: Run) -> _Step:
                out_shardings=(shardings, replicated), donate_argnums=0)
   fresh = jax.jit(init_fn, out_shardings=param_shardings)
   create_jit = jax.jit(create, in_shardings=(param_shardings,), out_shardings=shardings)
-  return _Step(fn, abstract_state, shardings, fresh, create_jit, radii_fn, constrained)
+  return Step(fn, abstract_state, shardings, fresh, create_jit)
 
 
 class _MetricsLog:
@@ -287,7 +295,7 @@ def train(cfg: ConfigDict, workdir: str | epath.Path, run: Run) -> dict[str, Any
     bar = tqdm.tqdm(total=cfg.steps, initial=start, desc=run.name, unit="step",
                     disable=not (primary and run.progress), dynamic_ncols=True)
     preempted, clock = False, (time.perf_counter(), start)
-    with checkpointing.PreemptionGuard() as guard:
+    with checkpointing.PreemptionGuard() as guard, bar:
       for step in range(start, cfg.steps):
         batch = distributed.global_batch(next(data), run.mesh)
         state, metrics = built.fn(state, batch, heldout(step))
@@ -307,7 +315,6 @@ def train(cfg: ConfigDict, workdir: str | epath.Path, run: Run) -> dict[str, Any
         if stop:
           preempted = True
           break
-    bar.close()
     ckpt.wait_until_finished()
   finally:
     ckpt.close()
@@ -319,7 +326,7 @@ def train(cfg: ConfigDict, workdir: str | epath.Path, run: Run) -> dict[str, Any
   return state
 
 
-def _initial_state(ckpt, built: _Step, run: Run, metadata: dict[str, Any]):
+def _initial_state(ckpt, built: Step, run: Run, metadata: dict[str, Any]):
   """Resume from the latest checkpoint, else init_params(fresh), else fresh params."""
   latest = ckpt.latest_step()
   if latest is not None:

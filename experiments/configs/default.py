@@ -1,9 +1,16 @@
-"""The default experiment: the offline shapes benchmark, sized for a ~10 minute CPU run.
+"""The default experiment: the offline shapes benchmark, sized for a ~6 minute CPU run.
 
 Pre-train a small GroupNorm ResNet on every domain of ``multidomain_shapes``
 (cached), fine-tune it on ``real`` with every method in ``config.methods``, and
 evaluate on the ``real`` test split (ID) and on sketch / painting / clipart
-(OOD). See the field comments for what each knob does.
+(OOD).
+
+The benchmark is tuned to show the problem robust fine-tuning addresses: the
+pre-training is deliberately short (700 steps, ~5.6 epochs: ``real`` test
+~79%, so that fine-tuning has something to gain; 1,500 steps gave 91% and FT
+at lr 0.01 then lost only ~1 OOD point against LP), and FT uses SGD at lr 0.03
+(at 0.01 the OOD drop was small). With these settings FT beats LP by ~7 points
+ID and loses ~13 points OOD (see ``python -m experiments.main``).
 """
 
 from ml_collections import ConfigDict

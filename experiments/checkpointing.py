@@ -28,8 +28,8 @@ only process 0 writes the JSON metadata and logs):
 
 * Complete checkpoints only. A step directory is complete when orbax finalized
   it (killed saves leave ``<step>.orbax-checkpoint-tmp-*`` directories, which
-  are never complete and are removed when a :class:`Checkpointer` opens the
-  directory) and its commit marker and metadata files are present and parse.
+  are never complete and are removed when a writing :class:`Checkpointer`
+  opens the directory) and its commit marker and metadata files are present and parse.
   :meth:`Checkpointer.latest_step` and orbax's ``max_to_keep`` clean-up see
   complete steps only: an incomplete step is logged, never counted, never
   deleted, and never makes a good checkpoint go away.

@@ -28,8 +28,8 @@ only process 0 writes the JSON metadata and logs):
 
 * Complete checkpoints only. A step directory is complete when orbax finalized
   it (killed saves leave ``<step>.orbax-checkpoint-tmp-*`` directories, which
-  are never complete and are removed when a :class:`Checkpointer` opens the
-  directory) and its commit marker and metadata files are present and parse.
+  are never complete and are removed when a writing :class:`Checkpointer`
+  opens the directory) and its commit marker and metadata files are present and parse.
   :meth:`Checkpointer.latest_step` and orbax's ``max_to_keep`` clean-up see
   complete steps only: an incomplete step is logged, never counted, never
   deleted, and never makes a good checkpoint go away.
@@ -197,6 +197,10 @@ class Checkpointer:
     async_save: write in a background thread (the train step goes on once
       the arrays are copied to host memory); :meth:`wait_until_finished`
       waits for the write.
+    read_only: only read (e.g. an evaluator following a training run).
+      A writer deletes the ``*.orbax-checkpoint-tmp-*`` directories left by
+      killed saves when it opens the directory, so open a directory that
+      another job is writing to with ``read_only=True``.
 
   Example:
     >>> ckpt = Checkpointer("/tmp/ckpt", save_interval_steps=10)  # doctest: +SKIP
@@ -207,16 +211,19 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str | os.PathLike[str], *, max_to_keep: int | None = 2,
-               save_interval_steps: int = 100, async_save: bool = True):
+               save_interval_steps: int = 100, async_save: bool = True,
+               read_only: bool = False):
     if save_interval_steps < 1:
       raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
     if max_to_keep is not None and max_to_keep < 1:
       raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}")
     self.directory = _absolute(directory)
     self.save_interval_steps = save_interval_steps
+    self.read_only = read_only
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
-        enable_async_checkpointing=async_save, step_name_format=_CompleteSteps())
+        max_to_keep=max_to_keep, create=not read_only, cleanup_tmp_directories=not read_only,
+        read_only=read_only, enable_async_checkpointing=async_save,
+        step_name_format=_CompleteSteps())
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=(_STATE, _METADATA))
 
@@ -271,7 +278,10 @@ class Checkpointer:
     Raises:
       CheckpointError: the directory of ``step`` exists but is not a complete
         checkpoint; it is left untouched (move it away to save this step).
+        Or the checkpointer is read-only.
     """
+    if self.read_only:
+      raise CheckpointError(f"cannot save step {step}: {self.directory} is opened read-only")
     if not force and not self.should_save(step):
       return False
     if step in self._manager.all_steps():

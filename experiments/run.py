@@ -6,15 +6,16 @@
    pre-trained checkpoint (:mod:`experiments.pretrain`, cached);
 2. for every method of ``config.methods`` (dependencies first,
    :func:`experiments.methods.run_order`): train it with the shared loop in
-   ``<name>/`` (resuming if interrupted) or apply the post-hoc method, then
-   evaluate on the val, ID test and OOD splits;
+   ``<name>-<hash>/`` (:func:`run_dir`; resuming if interrupted) or apply the
+   post-hoc method, then evaluate on the val, ID test and OOD splits;
 3. write ``results.json``, ``results.md`` and ``radii.png``.
 
-Each run stores its results in ``<name>/results.json`` with a hash of what
-determines it (model, data, pre-training, its train and method config and
-those of its dependencies), so running the job again reuses finished runs
-and recomputes only what changed. A run's checkpoints carry the same hash: a
-workdir holding a run of another configuration is an error, not a resume.
+Each run's directory is named by a hash of what determines it (model, data,
+pre-training, its train and method config and those of its dependencies;
+not the mesh), and holds its ``results.json``: running the job again reuses
+finished runs, resumes interrupted ones and starts only what changed. The
+checkpoints carry the same hash, so a checkpoint directory of another
+configuration is an error, never a resume.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ PyTree = Any
 class Env:
   """What every run of one configuration shares."""
   config: ConfigDict
-  root: epath.Path  # <workdir>/<config.name>
+  workdir: epath.Path
   task: pipeline.Task
   model: Any
   mesh: Mesh
@@ -57,6 +58,14 @@ class Env:
     """``distributed.param_sharding`` with ``config.shard_min_size``."""
     return distributed.param_sharding(abstract_params, mesh,
                                       min_size=self.config.shard_min_size)
+
+  @property
+  def root(self) -> epath.Path:
+    """``<workdir>/<config.name>``: the job's results."""
+    return self.workdir / self.config.name
+
+  def run_dir(self, name: str) -> epath.Path:
+    return run_dir(self.config, self.workdir, name)
 
   @functools.cached_property
   def evaluator(self) -> evaluate.Evaluator:
@@ -72,7 +81,7 @@ def setup(config: ConfigDict, workdir: str | os.PathLike, *, mesh: Mesh | None =
   pretrain.prepare_data(config, workdir)
   task = pretrain.get_task(config)
   checkpoint = pretrain.pretrained_checkpoint(config, workdir, mesh=mesh, progress=progress)
-  return Env(config, epath.Path(workdir) / config.name, task, pretrain.get_model(config, task),
+  return Env(config, epath.Path(workdir), task, pretrain.get_model(config, task),
              mesh, pretrain.data_dir(config, workdir), checkpoint, progress)
 
 
@@ -90,6 +99,16 @@ def run_identity(config: ConfigDict, name: str) -> dict[str, Any]:
   }
 
 
+def run_dir(config: ConfigDict, workdir: str | os.PathLike, name: str) -> epath.Path:
+  """``<workdir>/<config.name>/<name>-<hash of run_identity>``: the directory of run ``name``.
+
+  A run of another configuration gets another directory, so changing a
+  hyper-parameter starts a new run instead of clashing with the old one.
+  """
+  identity = train.config_hash(run_identity(config, name))[:8]
+  return epath.Path(workdir) / config.name / f"{name}-{identity}"
+
+
 def _load(env: Env, path: epath.Path, fresh: PyTree, dont_load=()) -> PyTree:
   return weights.load_pretrained(path, {"params": fresh}, dont_load)["params"]
 
@@ -99,7 +118,8 @@ def start_params(env: Env, fresh: PyTree, *, name: str) -> PyTree:
   weights with ``dont_load`` (the new head) kept from ``fresh``."""
   section = env.config.get(name) or {}
   if section.get("init_from"):
-    return _load(env, env.root / section["init_from"] / "params", fresh)
+    return _load(env, env.run_dir(section["init_from"]) / "params",
+                 fresh)
   return _load(env, env.pretrained, fresh, tuple(methods.train_config(env.config, name).dont_load))
 
 
@@ -180,7 +200,7 @@ def run_method(env: Env, name: str) -> tuple[dict[str, PyTree], dict[str, Any] |
                     init_params=functools.partial(start_params, env, name=name),
                     metadata={"identity": identity}, progress=env.progress,
                     param_sharding=env.param_sharding)
-    state = train.train(cfg, env.root / name, run)
+    state = train.train(cfg, env.run_dir(name), run)
     params, anchor = state["params"], state["anchor"]
     radii = method.radii(state["opt_state"]) if method.radii is not None else None
     order = depth_order(env)
@@ -191,7 +211,7 @@ def run_method(env: Env, name: str) -> tuple[dict[str, PyTree], dict[str, Any] |
   mask = constrained_mask(env, fresh, section.source)
   ctx = methods.PostHocContext(
       cfg=section, pretrained=pretrained, constrained=mask,
-      finetuned=_load(env, env.root / section.source / "params", fresh),
+      finetuned=_load(env, env.run_dir(section.source) / "params", fresh),
       heldout_loss=lambda p, b: train.cross_entropy(env.model, p, b),
       heldout_batches=_heldout_batches(env, section.get("batch_size", config.train.batch_size),
                                        config.seed + 2))
@@ -217,7 +237,7 @@ def run_all(config: ConfigDict, workdir: str | os.PathLike, *, mesh: Mesh | None
   for name in methods.run_order(config):
     t = time.perf_counter()
     identity = train.config_hash(run_identity(config, name))
-    cache = env.root / name / "results.json"
+    cache = env.run_dir(name) / "results.json"
     cached = json.loads(cache.read_text()) if cache.exists() else None
     if cached is None or cached["identity"] != identity:
       variants, summary = run_method(env, name)

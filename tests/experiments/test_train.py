@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import shutil
 import socket
 import subprocess
@@ -50,7 +51,8 @@ def run_one(config, workdir, name, **kwargs):
 
 def test_train_logs_checkpoints_and_reuses_a_finished_run(tiny_config, tmp_path):
   out = run_one(tiny_config, tmp_path, "tpgm")
-  root = tmp_path / "tiny" / "tpgm"
+  root = run.run_dir(tiny_config, tmp_path, "tpgm")
+  assert root.name.startswith("tpgm-") and root.parent == tmp_path / "tiny"
   rows = metrics(root / "metrics.jsonl")
   assert [r["step"] for r in rows] == [1, 2, 3, 4]
   for key in ("loss", "grad_norm", "lr", "distance_l2", "distance_mars_max", "radius_min",
@@ -63,10 +65,10 @@ def test_train_logs_checkpoints_and_reuses_a_finished_run(tiny_config, tmp_path)
   layers = out["layers"]["tpgm"]
   assert layers["paths"][0].startswith("stem/") and len(layers["radius"]) == len(layers["paths"])
   # Finished: a second job reuses the run (nothing is trained or rewritten).
-  stamp = (root / "params").stat().st_mtime
+  stamp = os.stat(root / "params").st_mtime_ns
   again = run_one(tiny_config, tmp_path, "tpgm")
   assert again["results"] == out["results"]
-  assert (root / "params").stat().st_mtime == stamp
+  assert os.stat(root / "params").st_mtime_ns == stamp
   assert len(metrics(root / "metrics.jsonl")) == 4
 
 
@@ -84,13 +86,19 @@ def test_train_state_is_sharded_like_the_params(tiny_config):
   assert radius.spec == jax.sharding.PartitionSpec()  # radii, step and RNG are replicated
 
 
-def test_a_workdir_of_another_configuration_is_not_resumed(tiny_config, tmp_path):
+def test_another_configuration_gets_its_own_run_and_never_resumes_another(tiny_config, tmp_path):
   run_one(tiny_config, tmp_path, "ft")
-  shutil.rmtree(tmp_path / "tiny" / "ft" / "params")
-  (tmp_path / "tiny" / "ft" / "results.json").unlink()
+  first = run.run_dir(tiny_config, tmp_path, "ft")
   tiny_config.train.optimizer.lr = 0.5
+  second = run.run_dir(tiny_config, tmp_path, "ft")
+  assert second != first and not second.exists()
+  # A checkpoint directory of another configuration (here: copied over) is refused.
+  shutil.copytree(first / "ckpt", second / "ckpt")
   with pytest.raises(checkpointing.CheckpointError, match="another configuration"):
     run_one(tiny_config, tmp_path, "ft")
+  shutil.rmtree(second)
+  run_one(tiny_config, tmp_path, "ft")
+  assert (first / "params").exists() and (second / "params").exists()
 
 
 def test_non_finite_loss_stops_with_a_clear_message(tiny_config, tmp_path):
@@ -99,15 +107,15 @@ def test_non_finite_loss_stops_with_a_clear_message(tiny_config, tmp_path):
   tiny_config.train.checkpoint_every = 100
   with pytest.raises(train.NonFiniteLossError, match="ft: the training loss is nan at step"):
     run_one(tiny_config, tmp_path, "ft")
-  assert not os.listdir(tmp_path / "tiny" / "ft" / "ckpt")  # nothing saved after the NaN
+  assert not os.listdir(run.run_dir(tiny_config, tmp_path, "ft") / "ckpt")  # nothing after NaN
 
 
 def test_corrupt_checkpoint_is_reported_and_never_replaced(tiny_config, tmp_path):
   run_one(tiny_config, tmp_path, "ft")
-  root = tmp_path / "tiny" / "ft"
+  root = run.run_dir(tiny_config, tmp_path, "ft")
   shutil.rmtree(root / "params")
   (root / "results.json").unlink()
-  for path in (root / "ckpt" / "4" / "state").rglob("*"):
+  for path in pathlib.Path(root / "ckpt" / "4" / "state").rglob("*"):
     if path.is_file() and path.parent.name == "d":  # the array data files
       os.truncate(path, path.stat().st_size // 2)
   with pytest.raises(checkpointing.CheckpointError, match=r"step 4.*previous complete checkpoint is step 2"):
@@ -118,7 +126,7 @@ def test_corrupt_checkpoint_is_reported_and_never_replaced(tiny_config, tmp_path
 
 def _uninterrupted(config, workdir, mesh):
   run_one(config, workdir, "tpgm", mesh=mesh)
-  root = workdir / "tiny" / "tpgm"
+  root = run.run_dir(config, workdir, "tpgm")
   return read_params(root / "params"), metrics(root / "metrics.jsonl")
 
 
@@ -151,7 +159,7 @@ def test_checkpoints_move_between_8_devices_and_1(long_tpgm, tmp_path):
     # Keep the checkpoint of step 4 of a finished run and resume on the other mesh.
     resumed = tmp_path / direction.replace(">", "")
     shutil.copytree(source / "tiny", resumed / "tiny")
-    root = resumed / "tiny" / "tpgm"
+    root = run.run_dir(config, resumed, "tpgm")
     for item in ("params", "results.json", "ckpt/6", "ckpt/8"):
       path = root / item
       shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -161,7 +169,7 @@ def test_checkpoints_move_between_8_devices_and_1(long_tpgm, tmp_path):
       np.testing.assert_allclose(params[k], ref_params[k], rtol=1e-4, atol=1e-6,
                                  err_msg=f"{direction} {k}")
     assert out["results"]["tpgm"]["test"] == pytest.approx(
-        json.loads((workdir / "tiny" / "tpgm" / "results.json").read_text())[
+        json.loads((run.run_dir(config, workdir, "tpgm") / "results.json").read_text())[
             "results"]["tpgm"]["test"], abs=10)
 
 
@@ -184,7 +192,7 @@ def test_killed_and_preempted_runs_resume_bit_identically(long_tpgm, tmp_path):
   """SIGKILL during the save of step 4, SIGTERM after the save of step 6, then run to the end:
   the same bits as the uninterrupted run."""
   config, _, ref_params, ref_rows = long_tpgm
-  root = tmp_path / "tiny" / "tpgm"
+  root = run.run_dir(config, tmp_path, "tpgm")
   out = _main(config, tmp_path, interrupt=(4, "SIGKILL")).communicate(timeout=120)[0]
   saved = sorted(int(s) for s in os.listdir(root / "ckpt") if s.isdigit())
   assert saved and saved[-1] <= 4 and not (root / "params").exists(), out[-3000:]
@@ -229,11 +237,12 @@ def test_two_processes_match_one_device(long_tpgm, tmp_path):
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
   assert "| tpgm |" in outs[0] and "| tpgm |" not in outs[1]  # only process 0 reports
-  rows = metrics(tmp_path / "tiny" / "tpgm" / "metrics.jsonl")
+  root = run.run_dir(config, tmp_path, "tpgm")
+  rows = metrics(root / "metrics.jsonl")
   assert [r["step"] for r in rows] == list(range(1, 9))
   for a, b in zip(rows, ref_rows):
     for k in a:
       np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=1e-6, err_msg=f"{k} step {a['step']}")
-  params = read_params(tmp_path / "tiny" / "tpgm" / "params")
+  params = read_params(root / "params")
   for k in ref_params:
     np.testing.assert_allclose(params[k], ref_params[k], rtol=1e-4, atol=1e-6, err_msg=k)

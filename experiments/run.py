@@ -218,7 +218,7 @@ def run_method(env: Env, name: str) -> tuple[dict[str, PyTree], dict[str, Any] |
   result = method.post_hoc(ctx)
   layers = None
   if result.radii is not None:
-    (row, params), = result.params.items()
+    (_, params), = result.params.items()
     layers = layer_summary(params, pretrained, mask, result.radii, depth_order(env))
   return result.params, layers
 

@@ -5,12 +5,14 @@
 
 from ml_collections import ConfigDict
 
+from experiments import methods
 from experiments.configs import default
 
 
 def get_config() -> ConfigDict:
   c = default.get_config()
   c.name = "tiny"
+  c.methods = tuple(methods.METHODS)  # every method, each for a few steps
   c.data.task_kwargs.config = "tiny"
   c.data.eval_batch_size = 16
   c.model.overrides = ConfigDict(dict(stage_sizes=(1,), widths=(8,), strides=(1,),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from experiments import main, methods, pretrain, report, train
-from experiments.configs import default, domainnet_resnet50, imagenet_vit_b16, tiny
+from experiments.configs import all_methods, default, domainnet_resnet50, imagenet_vit_b16, tiny
 from experiments import distributed
 
 
@@ -25,8 +25,8 @@ def test_main_runs_every_method_and_reports(tiny_config, tmp_path, capsys):
   assert main.main(["main", *_flags(tiny_config, tmp_path)]) == 0
   out = capsys.readouterr().out
   rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
-  expected = ["method", "pretrained", "ft", "lp", "wise_ft_0.25", "wise_ft_0.5", "wise_ft_0.75",
-              "tpgm", "lp_ft", "l2sp", "ftp", "spd", "tpgm_post_hoc"]
+  expected = ["method", "pretrained", "ft", "lp", "lp_ft", "l2sp", "ftp", "spd", "tpgm",
+              "wise_ft_0.25", "wise_ft_0.5", "wise_ft_0.75", "tpgm_post_hoc"]
   assert rows == expected
   root = tmp_path / "tiny"
   saved = json.loads((root / "results.json").read_text())
@@ -68,6 +68,14 @@ def test_missing_pretrained_checkpoint_is_explained(tmp_path):
   config.pretrain.checkpoint = os.fspath(tmp_path / "nowhere")
   with pytest.raises(train.weights.CheckpointError, match="does not exist"):
     pretrain.pretrained_checkpoint(config, tmp_path)
+
+
+def test_config_variants_override_the_default():
+  config, base = all_methods.get_config(), default.get_config()
+  assert set(config.methods) == set(methods.METHODS) > set(base.methods)
+  assert {"ft", "lp", "wise_ft", "tpgm"} <= set(base.methods)
+  config.methods = base.methods
+  assert config.to_dict() == base.to_dict()  # nothing else changes
 
 
 @pytest.mark.parametrize("module", [domainnet_resnet50, imagenet_vit_b16])

@@ -1,0 +1,18 @@
+"""The default experiment with every method of the registry, FTP and SPD included (~6-7 min on CPU).
+
+  python -m experiments.main --config experiments/configs/all_methods.py
+
+It keeps the name ``default``: the runs it shares with the default job (same
+configuration, same directories) are reused, not repeated.
+"""
+
+from ml_collections import ConfigDict
+
+from experiments import methods
+from experiments.configs import default
+
+
+def get_config() -> ConfigDict:
+  c = default.get_config()
+  c.methods = tuple(methods.METHODS)
+  return c

@@ -30,6 +30,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+import tpgm_jax
+
 __all__ = [
     "CheckpointError",
     "CheckpointExistsError",
@@ -53,26 +55,14 @@ class CheckpointExistsError(CheckpointError, FileExistsError):
   """:func:`save_params` refuses to overwrite an existing path."""
 
 
-def _key_str(key: Any) -> str:
-  if isinstance(key, jax.tree_util.DictKey):
-    return str(key.key)
-  if isinstance(key, jax.tree_util.GetAttrKey):
-    return key.name
-  if isinstance(key, jax.tree_util.SequenceKey):
-    return str(key.idx)
-  if isinstance(key, jax.tree_util.FlattenedIndexKey):
-    return str(key.key)
-  raise TypeError(f"unsupported pytree key {key!r}")
-
-
 def _flatten(tree: PyTree) -> tuple[list[str], list[Any], Any]:
   """(paths, leaves, treedef) of ``tree``; raises ``ValueError`` if two leaves share a path."""
-  flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  paths = ["/".join(_key_str(k) for k in path) for path, _ in flat]
+  leaves, treedef = jax.tree.flatten(tree)
+  paths = tpgm_jax.leaf_paths(tree)
   if len(set(paths)) != len(paths):
     dups = sorted(p for p, n in collections.Counter(paths).items() if n > 1)
     raise ValueError(f"several leaves share the path(s) {dups}")
-  return paths, [leaf for _, leaf in flat], treedef
+  return paths, leaves, treedef
 
 
 def param_paths(tree: PyTree) -> list[str]:

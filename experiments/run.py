@@ -264,7 +264,9 @@ def run_methods(env: Env, names: list[str]) -> tuple[dict[str, dict[str, float]]
 
   ``results`` maps a result row to its accuracies, ``layers`` a run to its
   per-layer summary (:func:`layer_summary`; trained methods and post-hoc methods
-  with radii) and ``timings`` ``<name>_s`` to seconds.
+  with radii) and ``timings`` ``<name>_s`` to seconds spent now. A run's
+  ``results.json`` also keeps the seconds its computation took (``seconds``; the
+  last session's, for a resumed run).
   """
   primary = jax.process_index() == 0
   results, layers, timings = {}, {}, {}
@@ -276,7 +278,7 @@ def run_methods(env: Env, names: list[str]) -> tuple[dict[str, dict[str, float]]
     if cached is None or cached["identity"] != identity:
       variants, summary = run_method(env, name)
       cached = {"identity": identity, "results": {r: env.evaluator(p) for r, p in variants.items()},
-                "layers": summary}
+                "layers": summary, "seconds": round(time.perf_counter() - t, 1)}
       if primary:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(cached, indent=1))

@@ -60,15 +60,29 @@ def _get(config: ConfigDict, key: str) -> Any:
   return node
 
 
-def select(config: ConfigDict, env: run.Env) -> tuple[ConfigDict, list[dict[str, Any]]]:
-  """Picks every ``study.select`` value on ID val (seed ``study.select_seed``)."""
+def _seconds(env: run.Env, names: list[str]) -> dict[str, float | None]:
+  """Run directory -> the computation time the run recorded in its results.json
+  (None: not recorded)."""
+  out = {}
+  for name in names:
+    path = env.run_dir(name) / "results.json"
+    out[os.fspath(path.parent)] = json.loads(path.read_text()).get("seconds")
+  return out
+
+
+def select(config: ConfigDict, env: run.Env, seconds: dict[str, float | None] | None = None
+           ) -> tuple[ConfigDict, list[dict[str, Any]]]:
+  """Picks every ``study.select`` value on ID val (seed ``study.select_seed``); records
+  each run's computation time in ``seconds`` (see :func:`_seconds`)."""
   chosen, table = config, []
+  seconds = {} if seconds is None else seconds
   for method, key, values in config.study.select:
     scores = {}
     for value in values:
       cfg = _with(chosen, seed=config.study.select_seed, **{key: value})
-      found, _, _ = run.run_methods(env.with_config(cfg),
-                                    methods.run_order(_with(cfg, methods=(method,))))
+      names = methods.run_order(_with(cfg, methods=(method,)))
+      found, _, _ = run.run_methods(env.with_config(cfg), names)
+      seconds.update(_seconds(env.with_config(cfg), names))
       scores[value] = found[method]["val"]
     best = max(values, key=lambda v: scores[v])
     table.append({"method": method, "key": key, "scores": {str(v): s for v, s in scores.items()},
@@ -142,24 +156,72 @@ def verdict(agg: dict[str, dict[str, tuple[float, float]]], tpgm_rows: list[str]
   return out
 
 
+def diagnosis(diags: dict[str, dict[str, Any]], ratios: dict[str, dict[str, Any]],
+              tpgm_rows: list[str]) -> list[str]:
+  """Sentences on the radius signal (:mod:`experiments.diagnose`) and on how far the
+  TPGM runs moved, computed from the measurements."""
+  out = []
+  for method, d in diags.items():
+    o, k = d["overall"]["all"], d["info"]["batches"]
+    halves = [d["overall"][h]["shrink_frequency"] for h in ("first_half", "second_half")
+              if h in d["overall"]]
+    out.append(
+        f"Along {method}: the held-out radius gradient asks to shrink in "
+        f"{100 * o['shrink_frequency']:.0f} % of (tensor, checkpoint) pairs"
+        + (f" ({', then '.join(f'{100 * x:.0f} %' for x in halves)} over the two halves)"
+           if len(halves) == 2 else "")
+        + f"; its median signal-to-noise ratio over {k} held-out batches (|mean| / std) is "
+        f"{o['snr_median']:.2f}, so the sign TPGM steps on from one batch is "
+        f"{'mostly noise' if o['snr_median'] < 1 else 'mostly right'}; training and held-out "
+        f"gradients have cosine {o['cos_batch']:.2f} on one batch and {o['cos_mean']:.2f} "
+        f"between their {k}-batch means.")
+  if "ft" in diags and "tpgm" in diags:
+    ends = {m: diags[m]["per_step"][-1] for m in ("ft", "tpgm")}
+    best = min(diags["ft"]["per_step"], key=lambda r: r["heldout_loss"])
+    out.append(
+        f"TPGM's own objective, the held-out loss, ends at {ends['tpgm']['heldout_loss']:.3f} "
+        f"along tpgm against {ends['ft']['heldout_loss']:.3f} along FT (lowest "
+        f"{best['heldout_loss']:.3f}, step {best['step']}): "
+        + ("the learned radii stop short of where the held-out loss is lowest."
+           if ends["tpgm"]["heldout_loss"] > ends["ft"]["heldout_loss"]
+           else "the learned radii reach a held-out loss at least as low as FT's."))
+  for row in tpgm_rows:
+    if row in ratios:
+      r = ratios[row]
+      out.append(f"{row} ends at {np.median(r['ratio']):.2f} of FT's distance to the "
+                 f"pre-trained weights (median over layers; lower third {r['lower']:.2f}, "
+                 f"upper third {r['upper']:.2f}).")
+  return out
+
+
+def _weights(paths: list[str]) -> list[str]:
+  """The weight matrices / kernels among ``paths`` (Flax names them ``kernel``; the
+  normalisation scales and biases are left out), or every path if none is."""
+  kernels = [p for p in paths if p.rsplit("/", 1)[-1] == "kernel"]
+  return kernels or list(paths)
+
+
 def tightness(layers: dict[str, dict[str, Any]], rows: list[str]) -> dict[str, dict[str, Any]]:
-  """Per run: each layer's distance to the anchor divided by FT's, in depth order, and
-  the mean ratio of the lower and upper third of the layers."""
+  """Per run: each weight tensor's distance to the anchor divided by FT's, in depth
+  order, and the mean ratio of the lower and upper third of them (the paper's
+  question is about layers: normalisation scales and biases are left out)."""
   out = {}
   ft = dict(zip(layers["ft"]["paths"], layers["ft"]["distance"]))
   for row in rows:
     if row not in layers:
       continue
-    pairs = [(p, d) for p, d in zip(layers[row]["paths"], layers[row]["distance"]) if p in ft]
-    ratio = [d / max(ft[p], 1e-12) for p, d in pairs]
+    dist = dict(zip(layers[row]["paths"], layers[row]["distance"]))
+    paths = [p for p in _weights(layers[row]["paths"]) if p in ft]
+    ratio = [dist[p] / max(ft[p], 1e-12) for p in paths]
     third = max(len(ratio) // 3, 1)
-    out[row] = {"paths": [p for p, _ in pairs], "ratio": ratio,
+    out[row] = {"paths": paths, "ratio": ratio,
                 "lower": float(np.mean(ratio[:third])), "upper": float(np.mean(ratio[-third:]))}
   return out
 
 
-def plot_id_vs_ood(path, agg, highlight: list[str]) -> None:
-  """ID test vs OOD mean: the WiSE-FT curve over alpha and every method with std bars."""
+def plot_id_vs_ood(path, agg, highlight: list[str], wise_label: str = "WiSE-FT") -> None:
+  """ID test vs OOD mean: the WiSE-FT curve over alpha and every method with std bars,
+  each labelled beside its point."""
   import matplotlib  # noqa: PLC0415
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
@@ -169,7 +231,7 @@ def plot_id_vs_ood(path, agg, highlight: list[str]) -> None:
   if curve:
     xs = [agg[r]["test"][0] for _, r in curve]
     ys = [agg[r][OOD_MEAN][0] for _, r in curve]
-    ax.plot(xs, ys, "-", color="grey", lw=1.5, zorder=1, label="WiSE-FT, alpha 0 .. 1")
+    ax.plot(xs, ys, "-", color="grey", lw=1.5, zorder=1, label=wise_label)
     for (alpha, r), x, y in zip(curve, xs, ys):
       ax.annotate(f"{alpha:g}", (x, y), fontsize=7, color="grey", xytext=(3, 3),
                   textcoords="offset points")
@@ -177,14 +239,18 @@ def plot_id_vs_ood(path, agg, highlight: list[str]) -> None:
     ft_id, ft_ood = agg["ft"]["test"][0], agg["ft"][OOD_MEAN][0]
     ax.fill_between([ft_id - 1, 100], 1.15 * ft_ood, 100, color="tab:green", alpha=0.08,
                     label="TPGM's promise: OOD >= 1.15 x FT at ID >= FT - 1")
-  markers = iter("osD^v<>pP*Xh")
-  for row, v in agg.items():
-    if row.startswith("wise_ft"):
-      continue
+  rows = [r for r in agg if not r.startswith("wise_ft")]
+  # tab20's dark shades first, then its light ones: up to 20 rows in distinct colours.
+  colors = [plt.get_cmap("tab20")(i) for i in (*range(0, 20, 2), *range(1, 20, 2))]
+  markers = "osD^v<>pP*Xhd"
+  for i, row in enumerate(rows):
+    v = agg[row]
     strong = row in highlight or row in ("ft", "lp")
     ax.errorbar(v["test"][0], v[OOD_MEAN][0], xerr=v["test"][1], yerr=v[OOD_MEAN][1],
-                fmt=next(markers, "o"), ms=8 if strong else 6, capsize=3, label=row,
-                zorder=3 if strong else 2)
+                fmt=markers[i % len(markers)], color=colors[i % len(colors)],
+                ms=8 if strong else 6, capsize=3, label=row, zorder=3 if strong else 2)
+    ax.annotate(row, (v["test"][0], v[OOD_MEAN][0]), fontsize=7, color=colors[i % len(colors)],
+                xytext=(6, -10 if i % 2 else 5), textcoords="offset points")
   xs = [v["test"][0] for v in agg.values()]
   ys = [v[OOD_MEAN][0] for v in agg.values()]
   ax.set_xlim(min(xs) - 3, max(xs) + 3)
@@ -199,41 +265,61 @@ def plot_id_vs_ood(path, agg, highlight: list[str]) -> None:
   plt.close(fig)
 
 
+def _short(path: str) -> str:
+  """``block1/unit2/conv1/kernel`` -> ``block1/unit2/conv1``."""
+  return path.rsplit("/", 1)[0] if path.endswith("/kernel") else path
+
+
 def plot_depth(path, layers, radii_rows: list[str], ratios: dict[str, dict[str, Any]]) -> None:
-  """Left: TPGM's learned radii and distances vs FT's distance by depth; right: every
-  constrained method's distance to the anchor relative to FT's, by depth."""
+  """Weight tensors in depth order. Left: the learned radii against FT's distance to
+  the anchor; right: every constrained run's distance relative to FT's (a heat map)."""
   import matplotlib  # noqa: PLC0415
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
+  from matplotlib.colors import TwoSlopeNorm  # noqa: PLC0415
 
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5))
-  paths = layers["ft"]["paths"]
+  paths = _weights(layers["ft"]["paths"])
   x = np.arange(len(paths))
-  ax1.plot(x, np.maximum(layers["ft"]["distance"], 1e-8), "k--", lw=1.5, label="FT: distance")
-  on_ft_paths = lambda row, key: [dict(zip(layers[row]["paths"], layers[row][key])).get(p, np.nan)
-                                  for p in paths]
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 5.5), gridspec_kw={"width_ratios": [1, 1.25]})
+  on_paths = lambda row, key: np.array(  # noqa: E731
+      [dict(zip(layers[row]["paths"], layers[row][key])).get(p, np.nan) for p in paths])
+  ax1.plot(x, on_paths("ft", "distance"), "k--", lw=2, label="FT: distance to pre-trained")
   for row in radii_rows:
     if row in layers and layers[row]["radius"] is not None:
-      ax1.plot(x, np.maximum(on_ft_paths(row, "radius"), 1e-8), "o-", ms=3, label=f"{row}: radius")
+      ax1.plot(x, np.maximum(on_paths(row, "radius"), 1e-5), "o-", ms=3, lw=1.2,
+               label=f"{row}: radius")
   ax1.set_yscale("log")
-  ax1.set_ylabel("max per-channel L1 distance / radius (MARS)")
-  ax1.set_title("learned radii by depth (seed 0)")
-  for ax in (ax1, ax2):
-    ax.set_xticks(x, [p.rsplit("/", 1)[0] + "/" + p.rsplit("/", 1)[1][0] for p in paths],
-                  rotation=90, fontsize=6)
-    ax.grid(alpha=0.3)
-  for row, r in ratios.items():
-    by_path = dict(zip(r["paths"], r["ratio"]))
-    ax2.plot(x, [by_path.get(p, np.nan) for p in paths], "o-", ms=3, label=row)
-  ax2.axhline(1.0, color="k", lw=1, ls="--")
-  ax2.set_yscale("log")
-  ax2.set_ylabel("distance to the anchor / FT's distance")
-  ax2.set_title("how tightly each layer is held (input left, output right; seed 0)")
+  ax1.set_ylim(bottom=1e-5)
+  ax1.set_ylabel("max per-channel L1 (MARS); radii at the 1e-8 floor drawn at 1e-5")
+  ax1.set_title("learned radii vs FT's distance, weight tensors by depth (seed 0)")
+  ax1.set_xticks(x, [_short(p) for p in paths], rotation=90, fontsize=7)
+  ax1.grid(alpha=0.3)
   ax1.legend(fontsize=7)
-  ax2.legend(fontsize=7, ncol=2)
+  rows = list(ratios)
+  grid = np.array([[dict(zip(ratios[r]["paths"], ratios[r]["ratio"])).get(p, np.nan)
+                    for p in paths] for r in rows])
+  logs = np.log10(np.clip(grid, 1e-4, 1e2))
+  im = ax2.imshow(logs, aspect="auto", cmap="RdBu_r",
+                  norm=TwoSlopeNorm(vcenter=0.0, vmin=-4, vmax=max(1.0, np.nanmax(logs))))
+  for (i, j), v in np.ndenumerate(grid):
+    if np.isfinite(v):
+      ax2.text(j, i, f"{v:.2f}" if v >= 0.01 else "<.01", ha="center", va="center", fontsize=5)
+  ax2.set_yticks(range(len(rows)), rows, fontsize=8)
+  ax2.set_xticks(x, [_short(p) for p in paths], rotation=90, fontsize=7)
+  ax2.set_title("distance to pre-trained / FT's distance (input left, output right; seed 0)")
+  fig.colorbar(im, ax=ax2, label="log10 of the ratio (blue: held tighter than FT)")
   fig.tight_layout()
   fig.savefig(path, dpi=130)
   plt.close(fig)
+
+
+def _run_time(info: dict[str, Any]) -> str:
+  missing = info["runs"] - info["runs_timed"]
+  if not info["runs_timed"]:
+    return f"{info['runs']} runs (made before run times were recorded)"
+  return (f"{info['runs']} runs taking {info['runs_min']:.0f} min together (as recorded when "
+          "each was made" + (f"; {missing} made before times were recorded are not counted)"
+                             if missing else ")"))
 
 
 def _fmt(v: tuple[float, float]) -> str:
@@ -247,7 +333,9 @@ def write(out: epath.Path, config: ConfigDict, agg, ood: list[str], selection, d
   figs = out / "results"
   figs.mkdir(parents=True, exist_ok=True)
   tpgm_rows = [r for r in agg if r.startswith("tpgm")]
-  plot_id_vs_ood(os.fspath(figs / "id_vs_ood.png"), agg, tpgm_rows)
+  wise = config.get("wise_ft")
+  plot_id_vs_ood(os.fspath(figs / "id_vs_ood.png"), agg, tpgm_rows,
+                 f"WiSE-FT: alpha 0 ({wise.base}) .. 1 ({wise.source})" if wise else "WiSE-FT")
   (figs / "study.json").write_text(json.dumps(
       {"results": {r: {k: list(v) for k, v in accs.items()} for r, accs in agg.items()},
        "ood": ood, "selection": selection, "diagnose": diags, "depth": ratios, "info": info},
@@ -275,8 +363,10 @@ def write(out: epath.Path, config: ConfigDict, agg, ood: list[str], selection, d
   text = [
       "# Results of the robust fine-tuning study",
       "",
-      f"Generated by `python -m experiments.study` ({info['seeds']} seeds, wall time "
-      f"{info['wall_min']:.0f} min on {info['machine']}). Accuracy in %, mean ± std over seeds; "
+      f"Generated by `python -m experiments.study` ({info['seeds']} seeds) on {info['machine']}: "
+      f"{_run_time(info)}, "
+      f"and {info['diagnose_min']:.0f} min of diagnostics (this invocation's wall time: "
+      f"{info['wall_min']:.0f} min; finished runs are reused). Accuracy in %, mean ± std over seeds; "
       f"ID = {info['id']}, OOD = {', '.join(ood)}; val (model and hyper-parameter selection) and "
       "held-out (TPGM's radii) are disjoint ID splits. The pre-trained model is the same for "
       "every seed; seeds change the head initialisation and the data order.",
@@ -284,6 +374,10 @@ def write(out: epath.Path, config: ConfigDict, agg, ood: list[str], selection, d
       "## Verdict",
       "",
       *[f"- {line}" for line in verdict(agg, tpgm_rows, ft_losses)],
+      "",
+      "Why (the diagnostic below and the layer distances):",
+      "",
+      *[f"- {line}" for line in diagnosis(diags, ratios, tpgm_rows)],
       "",
       "![ID vs OOD](results/id_vs_ood.png)",
       "",
@@ -303,7 +397,8 @@ def write(out: epath.Path, config: ConfigDict, agg, ood: list[str], selection, d
       *diag_text,
       "## Which layers are held tightly",
       "",
-      "Distance of each layer to the pre-trained weights divided by FT's distance (max "
+      "Distance of each weight tensor (convolution / dense kernel; normalisation scales and "
+      "biases left out) to the pre-trained weights divided by FT's distance (max "
       "per-channel L1), mean of the lower and upper third of the layers (seed "
       f"{config.study.seeds[0]}):",
       "",
@@ -322,11 +417,13 @@ def study(config: ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs the whole study (see the module docstring); returns what was written."""
   t0 = time.perf_counter()
   env = run.setup(config, workdir)
-  config, selection = select(config, env)
+  seconds: dict[str, float | None] = {}
+  config, selection = select(config, env, seconds)
   per_seed, layers0 = [], None
   for seed in config.study.seeds:
     cfg = _with(config, seed=seed)
     found, layers, _ = run.run_methods(env.with_config(cfg), methods.run_order(cfg))
+    seconds.update(_seconds(env.with_config(cfg), methods.run_order(cfg)))
     per_seed.append(found)
     if layers0 is None:
       layers0 = layers
@@ -336,15 +433,22 @@ def study(config: ConfigDict, workdir: str) -> dict[str, Any]:
   figs = out / "results"
   figs.mkdir(parents=True, exist_ok=True)
   diags = {}
+  t_diag = time.perf_counter()
   for method in config.study.diagnose:
     d_cfg = _with(config, seed=config.study.seeds[0], **{"diagnose.method": method})
     diags[method] = diagnose.measure(d_cfg, workdir)
     diagnose.plot(diags[method], os.fspath(figs / f"diagnose_{method}.png"))
+  t_diag_s = time.perf_counter() - t_diag  # measuring (+ training its runs if not cached)
   constrained = [r for r in methods.run_order(config) if r not in ("ft", "lp", "lp_ft", "wise_ft")]
   ratios = tightness(layers0, constrained)
   plot_depth(os.fspath(figs / "radii_by_depth.png"), layers0,
              [r for r in layers0 if layers0[r]["radius"] is not None], ratios)
+  # Each run once (the selection's best value is also seed 0's run); the times are those
+  # recorded when the runs were made, so they do not depend on what was cached now.
+  timed = [s for s in seconds.values() if s is not None]
   info = {"seeds": len(config.study.seeds), "wall_min": (time.perf_counter() - t0) / 60,
+          "runs": len(seconds), "runs_timed": len(timed), "runs_min": sum(timed) / 60,
+          "diagnose_min": t_diag_s / 60,
           "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), "
                      f"{jax.device_count()} {jax.default_backend()} device(s)",
           "id": str(env.task.test)}

@@ -186,6 +186,14 @@ def test_study_selects_runs_seeds_and_writes_results(tiny_config, tmp_path):
   for png in ("id_vs_ood.png", "radii_by_depth.png", "diagnose_ft.png", "diagnose_tpgm.png"):
     assert (tmp_path / "out" / "results" / png).stat().st_size > 10_000, png
   assert out["info"]["seeds"] == 2
+  # Every run is new here, so each recorded its time: the two selection runs and every
+  # run of both seeds, the chosen lp run (also seed 0's lp run) counted once.
+  from experiments import methods  # noqa: PLC0415
+  n = len(methods.run_order(config))
+  assert out["info"]["runs_timed"] == out["info"]["runs"] == 2 + 2 * n - 1
+  assert out["info"]["runs_min"] > 0 and "runs taking" in text and "made before" not in text
+  assert "Along ft: the held-out radius gradient asks to shrink in" in text
+  assert "tpgm ends at" in text
 
 
 def test_study_aggregate_and_verdict():

@@ -47,6 +47,7 @@ import os
 import resource
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 
@@ -179,7 +180,9 @@ def main(argv=None) -> None:
   tfds.disable_progress_bar()
   workers = ([int(w) for w in a.workers.split(",")] if a.workers
              else list(range(1, pipeline.available_cores() + 1)))
-  print(json.dumps(run(workers, a.batch, a.batches, a.repeats, a.data_dir, a.images), indent=1))
+  with contextlib.redirect_stdout(sys.stderr):  # TFDS prints while building: stdout is the JSON
+    result = run(workers, a.batch, a.batches, a.repeats, a.data_dir, a.images)
+  print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -227,7 +227,7 @@ def plot(result: dict[str, Any], path) -> None:
             label="cos(train, held-out), one batch")
   ax1b.plot(x, [t["cos_mean"] for t in tensors], "s-", color="tab:green", ms=3,
             label="cos of the batch means")
-  ax1.set_xticks(x, [t["path"].rsplit("/", 1)[0] for t in tensors], rotation=90, fontsize=6)
+  ax1.set_xticks(x, [t["path"].removesuffix("/kernel") for t in tensors], rotation=90, fontsize=6)
   ax1.set_ylim(0, 100)
   ax1b.set_ylim(-1, 1)
   ax1.set_ylabel("shrink frequency (%)")

@@ -1,4 +1,4 @@
-"""The default experiment with every method of the registry, FTP and SPD included (~6-7 min on CPU).
+"""The default experiment with every method of the registry (FTP, SPD, DiGraP and MARS-PGM added).
 
   python -m experiments.main --config experiments/configs/all_methods.py
 

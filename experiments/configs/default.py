@@ -85,9 +85,9 @@ def get_config() -> ConfigDict:
   c.train.checkpoint_every = 100
   c.train.max_to_keep = 2
 
-  # Methods run by the main job, in order (experiments.methods.METHODS). FTP and SPD
-  # are left to configs/all_methods.py, which takes ~1.5 more minutes: the default job
-  # keeps a margin under 10 minutes on a shared 2-core CPU.
+  # Methods run by the main job, in order (experiments.methods.METHODS). FTP, SPD,
+  # DiGraP and MARS-PGM are left to configs/all_methods.py (four more runs of ~45-70 s):
+  # the default job keeps a margin under 10 minutes on a 2-core CPU.
   c.methods = ("ft", "lp", "wise_ft", "tpgm", "tpgm_post_hoc", "lp_ft", "l2sp")
 
   # Per-method hyper-parameters; `train` overrides fields of c.train.

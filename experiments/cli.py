@@ -57,3 +57,17 @@ def parse(argv):
   for noisy in ("absl", "orbax", "jax", "tensorflow_datasets", "etils"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   return _CONFIG.value, _WORKDIR.value
+
+
+def run(job, argv=None) -> int:
+  """The body of every entry point: parses ``argv`` (default ``sys.argv``; see
+  :func:`parse`) and calls ``job(config, workdir)``. A job stopped by a preemption
+  (``experiments.train.Preempted``: its state is saved) prints why; the exit status
+  is 0 either way, and running the command again resumes."""
+  config, workdir = parse(sys.argv if argv is None else argv)
+  from experiments import train  # noqa: PLC0415 (imports JAX: after parse)
+  try:
+    job(config, workdir)
+  except train.Preempted as e:
+    print(e, file=sys.stderr)
+  return 0

@@ -259,14 +259,9 @@ def plot(result: dict[str, Any], path) -> None:
   plt.close(fig)
 
 
-def main(argv=None) -> int:
-  from experiments import cli  # noqa: PLC0415 (defines the absl flags)
-  config, workdir = cli.parse(sys.argv if argv is None else argv)
-  try:
-    result = measure(config, workdir)
-  except train.Preempted as e:
-    print(e, file=sys.stderr)
-    return 0
+def _job(config: ConfigDict, workdir: str) -> None:
+  """Measures and writes ``<workdir>/<config.name>/diagnose_<method>.{json,md,png}``."""
+  result = measure(config, workdir)
   if jax.process_index() == 0:
     stem = epath.Path(workdir) / config.name / f"diagnose_{config.diagnose.method}"
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -276,7 +271,11 @@ def main(argv=None) -> int:
     plot(result, stem.with_suffix(".png"))
     print(text)
     print(f"written to {stem}.md, .json and .png")
-  return 0
+
+
+def main(argv=None) -> int:
+  from experiments import cli  # noqa: PLC0415 (defines the absl flags)
+  return cli.run(_job, argv)
 
 
 if __name__ == "__main__":

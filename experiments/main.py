@@ -10,21 +10,19 @@ from __future__ import annotations
 
 import sys
 
-from experiments import cli, report, run, train
+from experiments import cli, run
 
 
-def main(argv=None) -> int:
-  config, workdir = cli.parse(sys.argv if argv is None else argv)
-  try:
-    out = run.run_all(config, workdir)
-  except train.Preempted as e:
-    print(e, file=sys.stderr)
-    return 0
+def _job(config, workdir) -> None:
+  out = run.run_all(config, workdir)
   if out["paths"]:
     print(out["paths"]["markdown"].read_text())
     print(f"wall time {out['info']['wall_s']:.0f} s; results in "
           f"{', '.join(str(p) for p in out['paths'].values())}")
-  return 0
+
+
+def main(argv=None) -> int:
+  return cli.run(_job, argv)
 
 
 if __name__ == "__main__":

@@ -157,14 +157,8 @@ def pretrained_checkpoint(config: ConfigDict, workdir: str | os.PathLike, *,
 
 def main(argv=None) -> int:
   from experiments import cli  # noqa: PLC0415 (defines the absl flags)
-  config, workdir = cli.parse(sys.argv if argv is None else argv)
-  try:
-    path = pretrained_checkpoint(config, workdir)
-  except train.Preempted as e:
-    print(e, file=sys.stderr)
-    return 0
-  print(f"pre-trained checkpoint: {path}")
-  return 0
+  return cli.run(lambda config, workdir: print(
+      f"pre-trained checkpoint: {pretrained_checkpoint(config, workdir)}"), argv)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import numpy as np
 from etils import epath
 from ml_collections import ConfigDict
 
-from experiments import diagnose, methods, report, run, train
+from experiments import diagnose, methods, report, run
 
 OOD_MEAN = report.OOD_MEAN
 
@@ -453,17 +453,15 @@ def study(config: ConfigDict, workdir: str) -> dict[str, Any]:
   return {"results": agg, "path": path, "info": info}
 
 
-def main(argv=None) -> int:
-  from experiments import cli  # noqa: PLC0415 (defines the absl flags)
-  config, workdir = cli.parse(sys.argv if argv is None else argv)
-  try:
-    out = study(config, workdir)
-  except train.Preempted as e:
-    print(e, file=sys.stderr)
-    return 0
+def _job(config: ConfigDict, workdir: str) -> None:
+  out = study(config, workdir)
   if jax.process_index() == 0:
     print(out["path"].read_text())
-  return 0
+
+
+def main(argv=None) -> int:
+  from experiments import cli  # noqa: PLC0415 (defines the absl flags)
+  return cli.run(_job, argv)
 
 
 if __name__ == "__main__":

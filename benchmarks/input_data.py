@@ -18,7 +18,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image, ImageDraw
 
-from experiments.data import pipeline
+from experiments.data import tasks
 
 NAME = "input_benchmark_jpegs"
 IMAGE_SIZE = 224
@@ -85,9 +85,9 @@ class InputBenchmarkJpegs(tfds.core.GeneratorBasedBuilder):
                 "label": int(rng.integers(NUM_CLASSES))}
 
 
-def benchmark_task(images: int = 512) -> pipeline.Task:
-  ref = pipeline.SplitRef(f"{NAME}/{images}", "train")
-  return pipeline.Task(name="input_benchmark", num_classes=NUM_CLASSES, image_size=IMAGE_SIZE,
+def benchmark_task(images: int = 512) -> tasks.Task:
+  ref = tasks.SplitRef(f"{NAME}/{images}", "train")
+  return tasks.Task(name="input_benchmark", num_classes=NUM_CLASSES, image_size=IMAGE_SIZE,
                        train=ref, heldout=ref, val=ref, test=ref, ood={})
 
 

@@ -56,12 +56,13 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from benchmarks.input_data import IMAGE_SIZE, benchmark_task, prepare
-from experiments.data import augment, pipeline
+from experiments.data import augment, pipeline, sources, tasks
+from experiments.data.options import InputOptions, available_cores
 
 
-def options(workers: int) -> pipeline.InputOptions:
+def options(workers: int) -> InputOptions:
   """The real-data training settings (configs/domainnet_resnet50.py) with ``workers`` workers."""
-  return pipeline.InputOptions(hflip=True, random_resized_crop=True, crop_fraction=0.875,
+  return InputOptions(hflip=True, random_resized_crop=True, crop_fraction=0.875,
                                num_workers=workers, num_threads=1, prefetch=2)
 
 
@@ -80,7 +81,7 @@ def _self_cpu_seconds() -> float:
   return usage.ru_utime + usage.ru_stime
 
 
-def measure(task: pipeline.Task, data_dir: str, workers: int, batch: int,
+def measure(task: tasks.Task, data_dir: str, workers: int, batch: int,
             batches: int) -> dict[str, float | None]:
   """One fresh pipeline with ``workers`` workers, after its start-up: images/s, and the CPU
   time per image of the worker processes and of this process."""
@@ -104,9 +105,9 @@ def measure(task: pipeline.Task, data_dir: str, workers: int, batch: int,
           "worker_cpu_ms": 1e3 * sum(a - c for a, c in zip(after, cpu)) / n if known else None}
 
 
-def transform_rate(task: pipeline.Task, data_dir: str, n: int = 200) -> float:
+def transform_rate(task: tasks.Task, data_dir: str, n: int = 200) -> float:
   """Images/s of decode + RandomResizedCrop + flip alone, in this process, without grain."""
-  source = pipeline.open_data_source(task.train, data_dir, decoders={
+  source = sources.open_data_source(task.train, data_dir, decoders={
       "image": tfds.decode.SkipDecoding()})
   examples = [source[i % len(source)] for i in range(n)]
   settings = options(0)
@@ -156,7 +157,7 @@ def run(workers: list[int], batch: int = 64, batches: int = 24, repeats: int = 3
                                  if worker_cpu else None),
       "main_cpu_ms_per_image": {str(w): round(statistics.median(r["main_cpu_ms"] for r in rs), 3)
                                 for w, rs in runs.items()},
-      "cores": pipeline.available_cores(),
+      "cores": available_cores(),
       "batch": batch,
       "timed_batches": batches,
       "repeats": repeats,
@@ -179,7 +180,7 @@ def main(argv=None) -> None:
   a = parser.parse_args(argv)
   tfds.disable_progress_bar()
   workers = ([int(w) for w in a.workers.split(",")] if a.workers
-             else list(range(1, pipeline.available_cores() + 1)))
+             else list(range(1, available_cores() + 1)))
   with contextlib.redirect_stdout(sys.stderr):  # TFDS prints while building: stdout is the JSON
     result = run(workers, a.batch, a.batches, a.repeats, a.data_dir, a.images)
   print(json.dumps(result, indent=1))

@@ -1,12 +1,20 @@
-"""Command-line flags shared by the entry points.
+"""The command line of the config-driven entry points (main, pretrain, study, diagnose).
+
+Every entry point is an absl program: its module defines ``job(config,
+workdir)`` (what tests call) and ends with ``cli.run(job)``.
 
 ``--config`` is an ``ml_collections`` config file (default:
 ``experiments/configs/default.py``); single fields are overridden with
-``--config.train.steps=100``, ``--config.methods=ft,lp`` and so on.
-``--workdir`` (default ``runs``) holds the data, the pre-training cache,
-checkpoints and results. Several processes (one per host) pass
-``--coordinator_address``, ``--num_processes`` and ``--process_id`` (or set
-``JAX_COORDINATOR_ADDRESS`` and friends).
+``--config.train.steps=100``, ``--config.methods=ft,lp`` and so on (an unknown
+field is a flag error). ``--workdir`` (default ``runs``) holds the data, the
+pre-training cache, checkpoints and results. Several processes (one per host)
+pass ``--coordinator_address``, ``--num_processes`` and ``--process_id`` (or
+set ``JAX_COORDINATOR_ADDRESS`` and friends).
+
+A config that cannot run (:class:`experiments.plan.ConfigError`) is reported
+in one line, before any data is built, with exit status 2; a job stopped by a
+preemption (:class:`experiments.training.loop.Preempted`: its state is saved)
+says so and exits 0: running the command again resumes.
 """
 
 from __future__ import annotations
@@ -14,39 +22,39 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 
-from absl import flags
-from ml_collections import config_flags
+from absl import app, flags
+from ml_collections import ConfigDict, config_flags
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "default.py")
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", DEFAULT_CONFIG, "Experiment config file (configs as code).", lock_config=True)
-_WORKDIR = flags.DEFINE_string(
-    "workdir", "runs", "Directory for data, the pre-training cache, checkpoints and results.")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0 (multi-process runs).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_FLAGS: dict[str, flags.FlagHolder] = {}
 
 
-def parse(argv):
-  """Parses ``argv`` (``sys.argv`` style), starts JAX's multi-process runtime if asked,
-  sets up logging (warnings only on processes other than 0); ``(config, workdir)``."""
-  argv = list(argv)
-  if not any(a == "--config" or a.startswith("--config=") for a in argv):
-    # Parse the default config now, so that it registers the --config.X overrides.
-    argv.insert(1, f"--config={DEFAULT_CONFIG}")
-  flags.FLAGS.unparse_flags()
-  for name in [n for n in flags.FLAGS if n.startswith("config.")]:
-    delattr(flags.FLAGS, name)  # registered by an earlier parse (tests call main twice)
-  saved, sys.argv = sys.argv, argv  # config_flags reads the --config.X overrides from there
-  try:
-    flags.FLAGS(argv)
-  finally:
-    sys.argv = saved
-  from experiments import distributed  # noqa: PLC0415 (after flags: nothing touches JAX before)
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+def _define_flags() -> None:
+  """Defines the flags (once). ml_collections parses the default config file, with the
+  ``--config.X`` overrides of ``sys.argv``, when ``--config`` is defined: here, not at import."""
+  if _FLAGS:
+    return
+  _FLAGS["config"] = config_flags.DEFINE_config_file(
+      "config", DEFAULT_CONFIG, "Experiment config file (configs as code).", lock_config=True)
+  _FLAGS["workdir"] = flags.DEFINE_string(
+      "workdir", "runs", "Directory for data, the pre-training cache, checkpoints and results.")
+  _FLAGS["coordinator_address"] = flags.DEFINE_string(
+      "coordinator_address", None, "host:port of process 0 (multi-process runs).")
+  _FLAGS["num_processes"] = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+  _FLAGS["process_id"] = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+
+Job = Callable[[ConfigDict, str], None]
+
+
+def _set_up_runtime() -> None:
+  """Starts JAX's multi-process runtime if asked; logging (warnings only off process 0)."""
+  from experiments.training import distributed  # noqa: PLC0415 (nothing touches JAX before)
+  distributed.initialize(*(_FLAGS[n].value
+                           for n in ("coordinator_address", "num_processes", "process_id")))
   import jax  # noqa: PLC0415
   import tensorflow_datasets as tfds  # noqa: PLC0415
 
@@ -56,18 +64,58 @@ def parse(argv):
                       stream=sys.stderr, force=True)
   for noisy in ("absl", "orbax", "jax", "tensorflow_datasets", "etils"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  return _CONFIG.value, _WORKDIR.value
 
 
-def run(job, argv=None) -> int:
-  """The body of every entry point: parses ``argv`` (default ``sys.argv``; see
-  :func:`parse`) and calls ``job(config, workdir)``. A job stopped by a preemption
-  (``experiments.train.Preempted``: its state is saved) prints why; the exit status
-  is 0 either way, and running the command again resumes."""
-  config, workdir = parse(sys.argv if argv is None else argv)
-  from experiments import train  # noqa: PLC0415 (imports JAX: after parse)
+def main(job: Job) -> Callable[[list[str]], int]:
+  """The ``main(argv)`` that ``absl.app.run`` calls for ``job``: checks that no positional
+  argument was given, sets up the runtime and calls ``job(config, workdir)``."""
+
+  def run(argv: list[str]) -> int:
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments {argv[1:]}: every setting is a --flag")
+    _set_up_runtime()
+    from experiments.plan import ConfigError  # noqa: PLC0415
+    from experiments.training.loop import Preempted  # noqa: PLC0415
+    try:
+      job(_FLAGS["config"].value, _FLAGS["workdir"].value)
+    except ConfigError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    except Preempted as e:
+      print(e, file=sys.stderr)
+    return 0
+
+  return run
+
+
+def _flag_error(error: Exception) -> None:
+  """Reports a flag or config override error in one line, as absl does, and exits 1."""
+  message = str(error)
+  if isinstance(error, (AttributeError, KeyError)):
+    overrides = [a for a in sys.argv[1:] if a.startswith(("--config.", "-config."))]
+    message = (f"the config has no field {message.strip(chr(34) + chr(39))!r} "
+               f"(--config overrides given: {' '.join(overrides)})")
+  print(f"FATAL Flags parsing error: {message}\nPass --helpshort or --helpfull to see help on "
+        "flags.", file=sys.stderr)
+  sys.exit(1)
+
+
+#: What ml_collections raises for an override of a field the config does not have.
+_OVERRIDE_ERRORS = (AttributeError, KeyError, TypeError, ValueError)
+
+
+def _parse(argv: list[str]) -> list[str]:
   try:
-    job(config, workdir)
-  except train.Preempted as e:
-    print(e, file=sys.stderr)
-  return 0
+    return flags.FLAGS(argv)
+  except (flags.Error, *_OVERRIDE_ERRORS) as e:
+    _flag_error(e)
+
+
+def run(job: Job) -> None:
+  """The body of every entry point: defines the flags, then ``absl.app.run`` of ``job``
+  (see :func:`main`)."""
+  try:
+    _define_flags()
+  except _OVERRIDE_ERRORS as e:
+    _flag_error(e)
+  app.run(main(job), flags_parser=_parse)

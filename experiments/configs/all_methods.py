@@ -8,8 +8,8 @@ configuration, same directories) are reused, not repeated.
 
 from ml_collections import ConfigDict
 
-from experiments import methods
 from experiments.configs import default
+from experiments.training import methods
 
 
 def get_config() -> ConfigDict:

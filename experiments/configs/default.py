@@ -24,13 +24,13 @@ def get_config() -> ConfigDict:
   c.name = "default"  # results go to <workdir>/<name>/
   c.seed = 0
 
-  # Data: a task preset of experiments.data.pipeline.get_task.
+  # Data: a task preset of experiments.data.tasks.get_task.
   c.data = ConfigDict()
   c.data.task = "shapes"
   c.data.task_kwargs = ConfigDict({"config": "transfer"})
   c.data.data_dir = ""  # TFDS data_dir; "" means <workdir>/data
   c.data.eval_batch_size = 500
-  # Augmentation and loading (experiments.data.pipeline.InputOptions; a key nothing
+  # Augmentation and loading (experiments.data.options.InputOptions; a key nothing
   # reads is an error). The shapes images are already at size: no random crops, and
   # crop_fraction 1 makes the evaluation transform the identity.
   c.data.hflip = False
@@ -85,7 +85,7 @@ def get_config() -> ConfigDict:
   c.train.checkpoint_every = 100
   c.train.max_to_keep = 2
 
-  # Methods run by the main job, in order (experiments.methods.METHODS). FTP, SPD,
+  # Methods run by the main job, in order (experiments.training.methods.METHODS). FTP, SPD,
   # DiGraP and MARS-PGM are left to configs/all_methods.py (four more runs of ~45-70 s):
   # the default job keeps a margin under 10 minutes on a 2-core CPU.
   c.methods = ("ft", "lp", "wise_ft", "tpgm", "tpgm_post_hoc", "lp_ft", "l2sp")
@@ -122,7 +122,7 @@ def get_config() -> ConfigDict:
   # Device mesh: axis name -> size (-1: all remaining devices). Parameters with at
   # least shard_min_size elements are split over "data" (FSDP) and their output
   # axis over "model" (tensor parallel); smaller ones are replicated
-  # (experiments.distributed.param_sharding).
+  # (experiments.training.distributed.param_sharding).
   c.mesh = ConfigDict({"data": -1, "model": 1})
   c.shard_min_size = 2**14
   return c

@@ -38,7 +38,7 @@ def get_config() -> ConfigDict:
   c.data.eval_batch_size = 256
   c.model.name = "clip_resnet50"
   c.model.overrides = ConfigDict()
-  # The input normalisation the pre-trained weights expect (CLIP's, experiments.convert).
+  # The input normalisation the pre-trained weights expect (CLIP's, experiments.models.convert).
   c.model.input_mean = (0.48145466, 0.4578275, 0.40821073)
   c.model.input_std = (0.26862954, 0.26130258, 0.27577711)
   c.pretrain.checkpoint = ""  # required: the converted ResNet-50 (see the module doc)

@@ -10,7 +10,7 @@ beforehand:
   ``imagenet_r`` in array_record format in ``--config.data.data_dir``;
 * the pre-trained CLIP ViT-B/16 image tower, converted from the Hugging Face
   ``openai/clip-vit-base-patch16`` safetensors file: ``python -m
-  experiments.convert --format clip_vit --input model.safetensors --output DIR``,
+  experiments.models.convert --format clip_vit --input model.safetensors --output DIR``,
   then ``--config.pretrain.checkpoint=DIR``;
 * the zero-shot head: CLIP's text embeddings of the 1000 ImageNet classes as a
   ``(1000, 512)`` ``.npy`` file (row i: class i of TFDS ``imagenet2012``),
@@ -43,7 +43,7 @@ def get_config() -> ConfigDict:
   # zero_shot_head: required, the (1000, 512) .npy of class text embeddings (module doc);
   # logit_scale: CLIP's temperature (100 for the OpenAI models).
   c.model.overrides = ConfigDict(dict(zero_shot_head="", logit_scale=100.0))
-  # The input normalisation the pre-trained weights expect (CLIP's, experiments.convert).
+  # The input normalisation the pre-trained weights expect (CLIP's, experiments.models.convert).
   c.model.input_mean = (0.48145466, 0.4578275, 0.40821073)
   c.model.input_std = (0.26862954, 0.26130258, 0.27577711)
   c.pretrain.checkpoint = ""  # required: the converted ViT-B/16 (see the module doc)

@@ -5,8 +5,8 @@
 
 from ml_collections import ConfigDict
 
-from experiments import methods
 from experiments.configs import default
+from experiments.training import methods
 
 
 def get_config() -> ConfigDict:

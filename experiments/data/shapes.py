@@ -39,7 +39,7 @@ Each (split kind, domain) cell is rendered from
 so a config always produces identical bytes.  Bump :attr:`MultidomainShapes.VERSION`
 when the rendering changes: TFDS never regenerates a prepared version.
 
-Build it with :func:`prepare` (or ``python -m experiments.data --config transfer``).
+Build it with :func:`prepare` (or ``python -m experiments.build_data --config transfer``).
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ import io
 from typing import Mapping
 
 import numpy as np
-from etils import epath
 import tensorflow_datasets as tfds
+from etils import epath
 from PIL import Image
 
 from experiments.data import render

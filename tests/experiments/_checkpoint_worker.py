@@ -19,7 +19,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.checkpointing import Checkpointer, PreemptionGuard
+from experiments.training.checkpointing import Checkpointer, PreemptionGuard
 
 
 def small_state(step):

@@ -14,7 +14,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from experiments import checkpointing, main  # noqa: E402
+from experiments import cli, main  # noqa: E402
+from experiments.training import checkpointing
 
 STEP, SIGNAL = int(sys.argv[1]), getattr(signal, sys.argv[2])
 _save = checkpointing.Checkpointer.save
@@ -30,4 +31,5 @@ def _save_then_signal(self, step, state, **kwargs):
 checkpointing.Checkpointer.save = _save_then_signal
 
 if __name__ == "__main__":
-  sys.exit(main.main([sys.argv[0], *sys.argv[3:]]))
+  sys.argv = [sys.argv[0], *sys.argv[3:]]
+  cli.run(main.job)

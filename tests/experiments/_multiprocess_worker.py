@@ -29,8 +29,8 @@ import numpy as np
 import optax
 
 import tpgm_jax
-from experiments import distributed
-from experiments.checkpointing import Checkpointer, PreemptionGuard
+from experiments.training import distributed
+from experiments.training.checkpointing import Checkpointer, PreemptionGuard
 
 GLOBAL_BATCH = 16
 MESH_SHAPE = {"data": 4, "model": 2}

@@ -13,13 +13,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from experiments.data import pipeline  # noqa: E402
+from experiments.data import pipeline, tasks  # noqa: E402
+from experiments.data.options import InputOptions  # noqa: E402
 
 
 def main(data_dir):
-  task = pipeline.get_task("domainnet", ood_domains=("sketch",), heldout_size=5, val_size=5,
+  task = tasks.get_task("domainnet", ood_domains=("sketch",), heldout_size=5, val_size=5,
                            image_size=16)
-  options = pipeline.InputOptions(random_resized_crop=True, num_workers=2)
+  options = InputOptions(random_resized_crop=True, num_workers=2)
   it = pipeline.train_iterator(task, batch_size=4, seed=0, data_dir=data_dir, options=options)
   next(it)
   next(it)

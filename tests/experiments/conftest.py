@@ -7,7 +7,8 @@ import os
 import jax
 import pytest
 
-from experiments import pretrain
+from experiments import environment
+from experiments.plan import make_plan
 from experiments.configs import tiny
 
 
@@ -29,7 +30,7 @@ def tiny_shared(tmp_path_factory):
   config = tiny.get_config()
   config.data.data_dir = os.fspath(root / "data")
   config.pretrain.cache_dir = os.fspath(root / "cache")
-  pretrain.pretrained_checkpoint(config, root, progress=False)
+  environment.setup(make_plan(config, root), progress=False)  # builds the data, pre-trains
   return root
 
 

@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import tpgm_jax
-from experiments.checkpointing import CheckpointError, Checkpointer, PreemptionGuard
+from experiments.training.checkpointing import CheckpointError, Checkpointer, PreemptionGuard
 
 needs_8_devices = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
 WORKER = os.path.join(os.path.dirname(__file__), "_checkpoint_worker.py")

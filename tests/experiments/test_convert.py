@@ -16,7 +16,9 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import convert, models, weights
+from experiments import models
+from experiments.models import convert
+from experiments.training import weights
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "conversion"
 INDEX = json.loads((FIXTURES / "fixtures.json").read_text())
@@ -67,10 +69,9 @@ def test_command_line_conversion_and_zero_shot_head(fmt, tmp_path, capsys):
   from the text embeddings: CLIP's own image-text logits (the source library's)."""
   tensors, data, meta = _fixture(fmt)
   out = tmp_path / "converted"
-  overrides = [f"--override={k}={json.dumps(v)}" for k, v in meta["overrides"].items()]
-  assert convert.main([f"--format={fmt}", f"--input={FIXTURES / f'{fmt}.safetensors'}",
-                       f"--output={out}", f"--image-size={meta['image_size']}",
-                       *overrides]) == 0
+  overrides = [f"{k}={json.dumps(v)}" for k, v in meta["overrides"].items()]
+  assert convert.convert_command(fmt, FIXTURES / f"{fmt}.safetensors", out,
+                                 image_size=meta["image_size"], overrides=overrides) == 0
   printed = capsys.readouterr().out
   assert "no head" in printed and "logit scale is 42" in printed
   text = tmp_path / "text.npy"
@@ -94,9 +95,9 @@ def test_command_line_conversion_with_a_classifier(tmp_path, capsys):
   """timm: the head is converted too, its class count read from the checkpoint."""
   _, data, meta = _fixture("timm_resnet")
   out = tmp_path / "converted"
-  overrides = [f"--override={k}={json.dumps(v)}" for k, v in meta["overrides"].items()]
-  assert convert.main(["--format=timm_resnet", f"--input={FIXTURES / 'timm_resnet.safetensors'}",
-                       f"--output={out}", "--image-size=64", *overrides]) == 0
+  overrides = [f"{k}={json.dumps(v)}" for k, v in meta["overrides"].items()]
+  assert convert.convert_command("timm_resnet", FIXTURES / "timm_resnet.safetensors", out,
+                                 image_size=64, overrides=overrides) == 0
   assert "no head" not in capsys.readouterr().out
   model = _model(meta, meta["num_classes"])
   init = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
@@ -212,17 +213,15 @@ def test_command_line_errors_leave_existing_output_alone(tmp_path, capsys):
   out = tmp_path / "out"
   out.mkdir()
   (out / "keep").write_text("x")
-  assert convert.main(["--format=timm_resnet", f"--input={src}", f"--output={out}"]) == 1
+  assert convert.convert_command("timm_resnet", src, out) == 1
   assert "already exists" in capsys.readouterr().err and (out / "keep").read_text() == "x"
-  assert convert.main(["--format=timm_resnet", f"--input={tmp_path / 'nope'}",
-                       f"--output={tmp_path / 'a'}"]) == 1
+  assert convert.convert_command("timm_resnet", tmp_path / "nope", tmp_path / "a") == 1
   assert "no such file" in capsys.readouterr().err
   (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
-  assert convert.main(["--format=timm_resnet", f"--input={tmp_path / 'bad.safetensors'}",
-                       f"--output={tmp_path / 'b'}"]) == 1
+  assert convert.convert_command("timm_resnet", tmp_path / "bad.safetensors",
+                                 tmp_path / "b") == 1
   assert "cannot read it as a safetensors file" in capsys.readouterr().err
-  assert convert.main(["--format=timm_resnet", f"--input={src}", f"--output={tmp_path / 'c'}",
-                       "--override=widths"]) == 1
+  assert convert.convert_command("timm_resnet", src, tmp_path / "c", overrides=["widths"]) == 1
   assert "--override widths: expected KEY=VALUE" in capsys.readouterr().err
   assert not any((tmp_path / n).exists() for n in "abc")
 
@@ -230,7 +229,7 @@ def test_command_line_errors_leave_existing_output_alone(tmp_path, capsys):
 def test_main_job_fine_tunes_a_converted_clip_from_its_zero_shot_head(tiny_config, tmp_path):
   """The configs' path: --config.pretrain.checkpoint=<converted>, a zero-shot head, FT and
   WiSE-FT on the tiny benchmark. WiSE-FT at alpha 0 is the zero-shot model itself."""
-  from experiments import run  # noqa: PLC0415
+  from experiments import runner  # noqa: PLC0415
 
   _, data, meta = _fixture("clip_vit")
   checkpoint = tmp_path / "clip"
@@ -248,7 +247,7 @@ def test_main_job_fine_tunes_a_converted_clip_from_its_zero_shot_head(tiny_confi
   config.methods = ("ft", "wise_ft")
   config.wise_ft.source, config.wise_ft.base = "ft", ""  # from the zero-shot model to FT
   config.wise_ft.alphas = (0.0, 0.5)
-  out = run.run_all(config, tmp_path / "work", progress=False)
+  out = runner.train_and_evaluate(config, tmp_path / "work", progress=False)
   results = out["results"]
   assert list(results) == ["zero_shot", "ft", "wise_ft_0", "wise_ft_0.5"]
   assert results["wise_ft_0"] == results["zero_shot"]

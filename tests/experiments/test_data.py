@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from experiments.data import pipeline, render, shapes
+from experiments.data import render, shapes, tasks
 
 TINY = shapes.CONFIGS["tiny"]
 
@@ -68,7 +68,7 @@ def test_transfer_layout_pretrains_on_other_classes(tmp_path):
     if name != "pretrain":
       assert set(arr["label"]) == set(render.TARGET_CLASSES), name
   assert not set(render.PRETRAIN_CLASSES) & set(render.TARGET_CLASSES)
-  task = pipeline.shapes_task("tiny_transfer")
+  task = tasks.shapes_task("tiny_transfer")
   assert (task.num_classes, task.pretrain_num_classes) == (10, render.NUM_CLASSES)
   assert list(task.ood) == ["sketch", "painting", "clipart"]
   # The full-size transfer config: 20k real training images, OOD domains test-only.

@@ -14,8 +14,9 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import tpgm_jax
-from experiments import distributed, models
-from experiments.checkpointing import Checkpointer
+from experiments import models
+from experiments.training import distributed
+from experiments.training.checkpointing import Checkpointer
 from tests.experiments import _multiprocess_worker as toy
 
 needs_8_devices = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")

@@ -1,4 +1,5 @@
-"""Smoke tests of the entry points (main, pretrain), the configs and the report."""
+"""Smoke tests of the jobs (main, pretrain, diagnose), the command line, the configs, the
+plan and the report."""
 
 from __future__ import annotations
 
@@ -9,9 +10,15 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import main, methods, pretrain, report, train
+import subprocess
+import sys
+
+from experiments import environment, main, models, plan, pretrain
+from experiments.analysis import report
 from experiments.configs import all_methods, default, domainnet_resnet50, imagenet_vit_b16, tiny
-from experiments import distributed
+from experiments.training import distributed, loop, methods
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _flags(config, workdir):
@@ -21,8 +28,13 @@ def _flags(config, workdir):
           f"--config.pretrain.cache_dir={config.pretrain.cache_dir}"]
 
 
+def _command(module, *flags):
+  return subprocess.run([sys.executable, "-m", module, *flags], cwd=ROOT, capture_output=True,
+                        text=True, timeout=600)
+
+
 def test_main_runs_every_method_and_reports(tiny_config, tmp_path, capsys):
-  assert main.main(["main", *_flags(tiny_config, tmp_path)]) == 0
+  main.job(tiny_config, os.fspath(tmp_path))
   out = capsys.readouterr().out
   rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
   expected = ["method", "ft", "lp", "lp_ft", "l2sp", "ftp", "spd", "digrap",
@@ -42,7 +54,8 @@ def test_main_runs_every_method_and_reports(tiny_config, tmp_path, capsys):
 
 def test_diagnose_measures_the_radius_signal(tiny_config, tmp_path, capsys):
   from experiments import diagnose  # noqa: PLC0415
-  assert diagnose.main(["diagnose", *_flags(tiny_config, tmp_path)]) == 0
+  tiny_config.diagnose.every, tiny_config.diagnose.batches = 2, 2
+  diagnose.job(tiny_config, os.fspath(tmp_path))
   out = capsys.readouterr().out
   assert "held-out radius grad > 0 (shrink)" in out
   result = json.loads((tmp_path / "tiny" / "diagnose_ft.json").read_text())
@@ -54,36 +67,105 @@ def test_diagnose_measures_the_radius_signal(tiny_config, tmp_path, capsys):
   assert (tmp_path / "tiny" / "diagnose_ft.png").stat().st_size > 10_000
 
 
-def test_pretrain_entry_point_caches_and_never_overwrites(tiny_config, tmp_path, capsys):
-  flags = ["pretrain", *_flags(tiny_config, tmp_path)[:-1]]  # a fresh cache in the workdir
-  assert pretrain.main(flags) == 0
+def test_pretrain_job_caches_and_never_overwrites(tiny_config, tmp_path, capsys):
+  config = tiny_config
+  config.pretrain.cache_dir = ""  # a fresh cache in the workdir
+  pretrain.job(config, os.fspath(tmp_path))
   path = capsys.readouterr().out.strip().split(": ", 1)[1]
   assert path.startswith(os.fspath(tmp_path / "cache" / "pretrained" / "resnet_tiny-shapes_tiny_transfer-"))
   stamp = os.stat(path).st_mtime_ns
-  assert pretrain.main(flags) == 0
+  pretrain.job(config, os.fspath(tmp_path))
   assert capsys.readouterr().out.strip().endswith(path) and os.stat(path).st_mtime_ns == stamp
-  other = pretrain.cache_key(tiny.get_config()), tiny.get_config()
+  other = plan.pretrain_key(tiny.get_config()), tiny.get_config()
   other[1].pretrain.optimizer.lr = 1e-4
-  assert pretrain.cache_key(other[1]) != other[0]  # another recipe, another checkpoint
+  assert plan.pretrain_key(other[1]) != other[0]  # another recipe, another checkpoint
 
 
-def test_cli_overrides_and_method_lists(tmp_path):
-  from experiments import cli  # noqa: PLC0415
-  config, workdir = cli.parse(["x", "--config.methods=ft,tpgm", "--config.train.steps=7",
-                               f"--workdir={tmp_path}"])
-  assert methods.method_names(config) == ["ft", "tpgm"] and config.train.steps == 7
-  assert workdir == os.fspath(tmp_path)
-  config, workdir = cli.parse(["x"])
-  assert config.to_dict() == default.get_config().to_dict() and workdir == "runs"
+def test_command_line_overrides_and_errors(tiny_config, tmp_path):
+  """The command line, end to end: overrides reach the job; a bad flag, an unknown field or a
+  config that cannot run is one line on stderr, before anything is built."""
+  done = _command("experiments.pretrain", *_flags(tiny_config, tmp_path),
+                  "--config.methods=ft,tpgm", "--config.train.steps=7")
+  assert done.returncode == 0, done.stderr
+  assert "pre-trained checkpoint: " + os.fspath(tiny_config.pretrain.cache_dir) in done.stdout
+  for flags, message in [
+      (["--config.train.no_such_field=1"], "FATAL Flags parsing error: the config has no field "
+       "'no_such_field' (--config overrides given: --config.train.no_such_field=1)"),
+      (["--config.train.steps=ten"], "FATAL Flags parsing error: flag --config.train.steps=ten"),
+      (["--config.train.steps=0"], "error: config.train.steps must be a positive integer, got 0"),
+      (["--config.methods=ft,sgdp"], "error: unknown method 'sgdp'"),
+      (["positional"], "unexpected arguments ['positional']")]:
+    done = _command("experiments.main", f"--workdir={tmp_path / 'bad'}", *flags)
+    assert done.returncode != 0 and message in done.stderr, (flags, done.stderr)
+    assert "Traceback" not in done.stderr, done.stderr
+  assert not (tmp_path / "bad").exists()  # nothing was built
+
+
+def test_plan_resolves_methods_dependencies_and_directories(tmp_path):
+  config = default.get_config()
+  config.methods = ("ft,tpgm", "wise_ft")
+  resolved = plan.make_plan(config, tmp_path)
+  assert resolved.names == ["ft", "tpgm", "lp", "lp_ft", "wise_ft"]  # dependencies first
+  assert resolved["wise_ft"].deps == ("lp", "lp_ft") and not resolved["wise_ft"].trained
+  assert resolved["lp"].train.frozen == ("backbone",) and resolved["ft"].train.frozen == ()
+  tpgm = resolved["tpgm"]
+  assert tpgm.directory == tmp_path / "default" / f"tpgm-{tpgm.hash[:8]}"
+  assert tpgm.identity["pretrained"] == resolved.pretrain.key
+  again = plan.make_plan(default.get_config(), tmp_path)
+  assert again["ft"].hash == resolved["ft"].hash  # config.methods is not part of a run
+  config.tpgm.lr = 0.1
+  assert plan.make_plan(config, tmp_path)["tpgm"].hash != tpgm.hash
+  assert plan.make_plan(config, tmp_path)["ft"].hash == resolved["ft"].hash
+  config.train.optimizer.lr = 0.1  # every trained run and what depends on them
+  changed = plan.make_plan(config, tmp_path)
+  assert all(changed[n].hash != resolved[n].hash for n in resolved.names)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("train.steps", -3, "config.train.steps must be a positive integer, got -3"),
+    ("train.batch_size", 0, "config.train.batch_size must be a positive integer"),
+    ("pretrain.steps", 0, "config.pretrain.steps must be a positive integer"),
+    ("data.eval_batch_size", 0, "config.data.eval_batch_size must be a positive integer"),
+    ("methods", ("ft", "nope"), "unknown method 'nope'"),
+    ("data.task", "mnist", "unknown task 'mnist'"),
+    ("pretrain.checkpoint", "/no/such/dir", "config.pretrain.checkpoint=/no/such/dir does not "
+     "exist"),
+])
+def test_plan_refuses_configs_that_cannot_run(key, value, message, tmp_path):
+  config = plan.with_fields(default.get_config(), **{key: value})
+  with pytest.raises(plan.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    plan.make_plan(config, tmp_path)
+  assert not os.listdir(tmp_path)  # before anything is built
+
+
+def test_plan_refuses_unknown_keys_and_batches_the_mesh_cannot_split(tmp_path):
+  config = default.get_config()
+  config.tpgm_typo = 1
+  with pytest.raises(plan.ConfigError, match=r"unknown config key\(s\) \['tpgm_typo'\]"):
+    plan.make_plan(config, tmp_path)
+  config = default.get_config()
+  config.train.batch_size = 100
+  with pytest.raises(plan.ConfigError, match="config.train.batch_size=100 cannot be split over "
+                     "the 8 data-parallel devices of config.mesh: use a multiple of 8"):
+    plan.make_plan(config, tmp_path, device_count=8)
+  config.mesh.model = 3
+  with pytest.raises(plan.ConfigError, match="does not fit 8 devices"):
+    plan.make_plan(config, tmp_path, device_count=8)
+  config = default.get_config()
+  config.train.hflip = True
+  with pytest.raises(plan.ConfigError, match="config.train.hflip is not read"):
+    plan.make_plan(config, tmp_path)
+  with pytest.raises(plan.ConfigError, match="config has no field"):
+    plan.with_fields(config, **{"train.nope": 1})
 
 
 def test_missing_pretrained_checkpoint_is_explained(tmp_path):
   config = domainnet_resnet50.get_config()
-  with pytest.raises(ValueError, match="no pre-training split: set config.pretrain.checkpoint"):
-    pretrain.pretrained_checkpoint(config, tmp_path)
+  with pytest.raises(plan.ConfigError, match="no pre-training split: set config.pretrain.checkpoint"):
+    plan.make_plan(config, tmp_path)
   config.pretrain.checkpoint = os.fspath(tmp_path / "nowhere")
-  with pytest.raises(train.weights.CheckpointError, match="does not exist"):
-    pretrain.pretrained_checkpoint(config, tmp_path)
+  with pytest.raises(plan.ConfigError, match="does not exist"):
+    plan.make_plan(config, tmp_path)
 
 
 def test_config_variants_override_the_default():
@@ -101,20 +183,22 @@ def test_paper_configs_build_and_trace(module, tmp_path):
   if "zero_shot_head" in config.model.overrides:  # the ImageNet recipe's zero-shot head
     np.save(tmp_path / "text.npy", np.random.default_rng(0).normal(size=(1000, 512)))
     config.model.overrides.zero_shot_head = os.fspath(tmp_path / "text.npy")
-  task = pretrain.get_task(config)
+  task = plan.get_task(config)
   assert task.mean == config.model.input_mean and task.std == config.model.input_std  # CLIP's
-  model = pretrain.get_model(config, task)
+  model = environment.model_for(config, task)
   assert model.__class__.__name__ == {"domainnet": "ModifiedResNet", "imagenet": "ViT"}[task.name]
   mesh = distributed.make_mesh(config.mesh.to_dict())
   size = task.image_size
-  for name in methods.run_order(config):
+  init = lambda key: models.init_params(model, key, size)  # noqa: E731
+  for name in plan.run_order(config):
     method = methods.get(name, config)
     if not method.trained:
       continue
-    cfg = methods.train_config(config, name)
+    cfg = plan.train_config(config, name)
     batch = cfg.batch_size = 8
-    built = train.build_step(cfg, train.Run(name=name, model=model, task=task, mesh=mesh,
-                                            method=method, method_cfg=config.get(name)))
+    built = loop.build_step(loop.TrainSetup(
+        name=name, train=cfg, model=model, task=task, mesh=mesh, init=init, data=None,
+        method=method, section=config.get(name)))
     images = jax.ShapeDtypeStruct((batch, size, size, 3), np.uint8)  # normalised on device
     labels = jax.ShapeDtypeStruct((batch,), np.int32)
     heldout = None
@@ -133,16 +217,16 @@ def test_paper_configs_build_and_trace(module, tmp_path):
 
 def test_constrained_fresh_head_and_bad_normalisation_are_refused():
   config = imagenet_vit_b16.get_config()
-  task = pretrain.get_task(config)
+  task = plan.get_task(config)
   with pytest.raises(ValueError, match="constrained includes the 'head' group, but the head is "
                      "freshly initialised: set config.model.overrides.zero_shot_head"):
-    pretrain.get_model(config, task)
+    environment.model_for(config, task)
   config.train.constrained = ("backbone",)
-  assert pretrain.get_model(config, task).zero_shot_head == ""
+  assert environment.model_for(config, task).zero_shot_head == ""
   config.model.input_std = (0.2, 0.0, 0.2)
   with pytest.raises(ValueError, match="input_mean and input_std must both be set"):
-    pretrain.get_task(config)
-  assert pretrain.get_task(default.get_config()).mean == (0.5, 0.5, 0.5)  # the task's own
+    plan.get_task(config)
+  assert plan.get_task(default.get_config()).mean == (0.5, 0.5, 0.5)  # the task's own
 
 
 def test_markdown_table_and_summary():
@@ -158,7 +242,7 @@ def test_markdown_table_and_summary():
 
 
 def test_study_selects_runs_seeds_and_writes_results(tiny_config, tmp_path):
-  from experiments import study  # noqa: PLC0415
+  from experiments.analysis import study  # noqa: PLC0415
   from experiments.configs import study as study_config  # noqa: PLC0415
   config = study_config.get_config()
   for key in ("data", "model", "pretrain", "train", "tpgm", "tpgm_post_hoc", "shard_min_size"):
@@ -188,8 +272,7 @@ def test_study_selects_runs_seeds_and_writes_results(tiny_config, tmp_path):
   assert out["info"]["seeds"] == 2
   # Every run is new here, so each recorded its time: the two selection runs and every
   # run of both seeds, the chosen lp run (also seed 0's lp run) counted once.
-  from experiments import methods  # noqa: PLC0415
-  n = len(methods.run_order(config))
+  n = len(plan.run_order(config))
   assert out["info"]["runs_timed"] == out["info"]["runs"] == 2 + 2 * n - 1
   assert out["info"]["runs_min"] > 0 and "runs taking" in text and "made before" not in text
   assert "Along ft: the held-out radius gradient asks to shrink in" in text
@@ -197,7 +280,7 @@ def test_study_selects_runs_seeds_and_writes_results(tiny_config, tmp_path):
 
 
 def test_study_aggregate_and_verdict():
-  from experiments import study  # noqa: PLC0415
+  from experiments.analysis import study  # noqa: PLC0415
   seeds = [{"ft": {"val": 90, "test": 90, "a": 40}, "lp": {"val": 80, "test": 80, "a": 60},
             "tpgm": {"val": 90, "test": 89.5, "a": 50},
             "wise_ft_0": {"val": 80, "test": 80, "a": 60}, "wise_ft_1": {"val": 90, "test": 90, "a": 40}},

@@ -1,4 +1,4 @@
-"""Tests of experiments.methods and experiments.optim: the method registry, parameter
+"""Tests of experiments.training.methods and experiments.training.optimizers: the method registry, parameter
 groups and optimizers."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import pytest
 from ml_collections import ConfigDict
 
 import tpgm_jax
-from experiments import methods, optim
+from experiments import plan
+from experiments.training import methods, optimizers
 from experiments.configs import default
 
 PARAMS = {"stem": {"kernel": jnp.ones((3, 4))}, "block1": {"kernel": jnp.ones((4, 4)),
@@ -21,7 +22,7 @@ RULES = (("head/.*", "head"), (".*", "backbone"))
 
 
 def test_param_groups_first_match_wins():
-  groups = optim.param_groups(PARAMS, RULES)
+  groups = optimizers.param_groups(PARAMS, RULES)
   assert groups == {"block1/bias": "backbone", "block1/kernel": "backbone",
                     "head/bias": "head", "head/kernel": "head", "stem/kernel": "backbone"}
 
@@ -33,19 +34,19 @@ def test_param_groups_first_match_wins():
 ])
 def test_param_groups_must_cover_exactly(rules, message):
   with pytest.raises(ValueError, match=message):
-    optim.param_groups(PARAMS, rules)
+    optimizers.param_groups(PARAMS, rules)
 
 
 def test_group_mask_and_unknown_group():
-  mask = optim.group_mask(PARAMS, RULES, ["backbone"])
+  mask = optimizers.group_mask(PARAMS, RULES, ["backbone"])
   assert mask == {"stem": {"kernel": True}, "block1": {"kernel": True, "bias": True},
                   "head": {"kernel": False, "bias": False}}
   with pytest.raises(ValueError, match="unknown parameter group"):
-    optim.group_mask(PARAMS, RULES, ["backbon"])
+    optimizers.group_mask(PARAMS, RULES, ["backbon"])
 
 
 def test_freeze_gives_zero_updates_and_no_state_to_frozen_groups():
-  tx = optim.freeze(optax.sgd(0.1, momentum=0.9), PARAMS, RULES, ["backbone"])
+  tx = optimizers.freeze(optax.sgd(0.1, momentum=0.9), PARAMS, RULES, ["backbone"])
   state = tx.init(PARAMS)
   grads = jax.tree.map(jnp.ones_like, PARAMS)
   updates, _ = tx.update(grads, state, PARAMS)
@@ -60,56 +61,56 @@ def test_freeze_gives_zero_updates_and_no_state_to_frozen_groups():
 def test_optimizer_from_config(name, wd, schedule):
   cfg = ConfigDict(dict(name=name, lr=0.1, momentum=0.9, nesterov=True, weight_decay=wd,
                         schedule=schedule, warmup_steps=2))
-  tx = optim.optimizer(cfg, 10)
+  tx = optimizers.optimizer(cfg, 10)
   updates, _ = tx.update(jax.tree.map(jnp.ones_like, PARAMS), tx.init(PARAMS), PARAMS)
   assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))  # warmup starts at 0
-  lr = optim.schedule(cfg, 10)
+  lr = optimizers.schedule(cfg, 10)
   np.testing.assert_allclose(float(lr(2)), 0.1, rtol=1e-6)
 
 
 def test_optimizer_errors():
   with pytest.raises(ValueError, match="unknown optimizer"):
-    optim.optimizer(ConfigDict(dict(name="lamb", lr=1.0, schedule="constant")), 1)
+    optimizers.optimizer(ConfigDict(dict(name="lamb", lr=1.0, schedule="constant")), 1)
   with pytest.raises(ValueError, match="adamw"):
-    optim.optimizer(ConfigDict(dict(name="adam", lr=1.0, weight_decay=0.1, schedule="constant")), 1)
+    optimizers.optimizer(ConfigDict(dict(name="adam", lr=1.0, weight_decay=0.1, schedule="constant")), 1)
   with pytest.raises(ValueError, match="unknown schedule"):
-    optim.schedule(ConfigDict(dict(lr=1.0, schedule="linear")), 1)
+    optimizers.schedule(ConfigDict(dict(lr=1.0, schedule="linear")), 1)
 
 
 def test_registry_and_run_order():
   config = default.get_config()
   assert set(config.methods) <= set(methods.METHODS)
-  order = methods.run_order(config)
+  order = plan.run_order(config)
   assert order.index("ft") < order.index("wise_ft") < len(order)
   assert order.index("lp") < order.index("lp_ft")
   assert order.index("ft") < order.index("tpgm_post_hoc")
   config.methods = ("wise_ft",)
-  assert methods.run_order(config) == ["lp", "lp_ft", "wise_ft"]  # dependencies run too
+  assert plan.run_order(config) == ["lp", "lp_ft", "wise_ft"]  # dependencies run too
   config.methods = ("sgdp",)
   with pytest.raises(ValueError, match="unknown method 'sgdp'"):
-    methods.run_order(config)
+    plan.run_order(config)
   config.methods = ("lp_ft",)
   config.lp.init_from = "lp_ft"
   with pytest.raises(ValueError, match="cycle: lp_ft -> lp -> lp_ft"):
-    methods.run_order(config)
+    plan.run_order(config)
 
 
 def test_train_config_merges_method_overrides():
   config = default.get_config()
-  lp = methods.train_config(config, "lp")
+  lp = plan.train_config(config, "lp")
   assert lp.frozen == ("backbone",) and lp.optimizer.lr == config.lp.train.optimizer.lr
   assert lp.optimizer.momentum == config.train.optimizer.momentum  # untouched fields kept
-  assert methods.train_config(config, "ft").to_dict() == config.train.to_dict()
+  assert plan.train_config(config, "ft").to_dict() == config.train.to_dict()
 
 
 @pytest.mark.parametrize("name", [n for n, m in methods.METHODS.items() if m.trained])
 def test_every_trained_method_steps_and_keeps_the_head_free(name):
   config = default.get_config()
-  cfg = methods.train_config(config, name)
-  mask = optim.group_mask(PARAMS, RULES, ["backbone"])
+  cfg = plan.train_config(config, name)
+  mask = optimizers.group_mask(PARAMS, RULES, ["backbone"])
   loss = lambda p, b: jnp.sum(jnp.square(p["head"]["kernel"] - b["x"]))
-  ctx = methods.Context(config.get(name), optim.optimizer(cfg.optimizer, 10), mask, loss)
-  tx = optim.freeze(methods.get(name).transform(ctx), PARAMS, RULES, cfg.frozen)
+  ctx = methods.Context(config.get(name), optimizers.optimizer(cfg.optimizer, 10), mask, loss)
+  tx = optimizers.freeze(methods.get(name).transform(ctx), PARAMS, RULES, cfg.frozen)
   state = tx.init(PARAMS)
   extra = {"heldout": {"x": jnp.zeros((config.tpgm.max_iters, 1))}} if name == "tpgm" else {}
   grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), PARAMS)

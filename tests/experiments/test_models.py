@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from experiments import models
-from experiments.weights import param_paths
+from experiments.models import resnet
+from experiments.training.weights import param_paths
 
 CPU_PRESETS = ("resnet_tiny", "resnet_small", "vit_tiny")
 PAPER_PRESETS = ("resnet50", "vit_b16", "clip_vit_b16", "clip_resnet50", "timm_resnet50")
@@ -124,7 +125,7 @@ def _np_affine_resnet_block(x, p, stride):
 
 
 def test_anti_aliased_block_matches_a_numpy_oracle():
-  block = models.BottleneckBlock(features=3, strides=2, norm="affine", anti_alias=True)
+  block = resnet.BottleneckBlock(features=3, strides=2, norm="affine", anti_alias=True)
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, 7, 7, 5)).astype(np.float32)  # odd size: the pools floor
   params = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(np.float32),

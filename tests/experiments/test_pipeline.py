@@ -40,12 +40,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from experiments import pretrain, run
+from experiments import environment, plan, runner
+from experiments.training import loop
+from tests.experiments.helpers import run_dir
 from experiments.configs import default, domainnet_resnet50, imagenet_vit_b16
-from experiments.data import augment, pipeline, shapes
+from experiments.data import augment, pipeline, shapes, sources, tasks
+from experiments.data.options import InputOptions, MAX_AUTO_WORKERS, available_cores
 
 TINY = shapes.CONFIGS["tiny"]
-SHAPES = pipeline.InputOptions(crop_fraction=1.0, num_workers=0)  # the default config's loader
+SHAPES = InputOptions(crop_fraction=1.0, num_workers=0)  # the default config's loader
 
 
 class _Examples:
@@ -62,7 +65,7 @@ class _Examples:
 
 
 def synthetic_split(n, flip=True):
-  return pipeline.Split(pipeline.SplitRef("synthetic", "train"),
+  return sources.Split(tasks.SplitRef("synthetic", "train"),
                         grain.MapDataset.source(_Examples(n)),
                         augment.RandomFlip() if flip else None, in_memory=True)
 
@@ -112,10 +115,10 @@ def test_bad_process_layout(batch_size, index, count):
 
 
 def test_resumed_and_in_memory_streams_are_the_same(tiny_shared):
-  task = pipeline.get_task("shapes", config="tiny")
+  task = tasks.get_task("shapes", config="tiny")
   data_dir = os.fspath(tiny_shared / "data")
   options = dataclasses.replace(SHAPES, hflip=True)
-  opened = pipeline.open_split(task, "train", options=options, data_dir=data_dir, train=True)
+  opened = sources.open_split(task, "train", options=options, data_dir=data_dir, train=True)
   assert opened.in_memory and len(opened) == TINY.train_default
   batches = pipeline.train_batches(opened, batch_size=8, seed=3)
   b = batches[0]
@@ -129,7 +132,7 @@ def test_resumed_and_in_memory_streams_are_the_same(tiny_shared):
         np.testing.assert_array_equal(got[key], batches[i][key])
   # Read from the array_record files (not held in memory): the same batches.
   on_disk = dataclasses.replace(options, cache_max_mb=0)
-  opened = pipeline.open_split(task, "train", options=on_disk, data_dir=data_dir, train=True)
+  opened = sources.open_split(task, "train", options=on_disk, data_dir=data_dir, train=True)
   assert not opened.in_memory
   for i in (0, 5):
     np.testing.assert_array_equal(pipeline.train_batches(opened, batch_size=8, seed=3)[i]["image"],
@@ -138,9 +141,9 @@ def test_resumed_and_in_memory_streams_are_the_same(tiny_shared):
 
 @pytest.mark.parametrize("procs", [1, 2, 4])
 def test_eval_covers_split_exactly_once(tiny_shared, procs):
-  task = pipeline.get_task("shapes", config="tiny")
+  task = tasks.get_task("shapes", config="tiny")
   data_dir = os.fspath(tiny_shared / "data")
-  opened = pipeline.open_split(task, "sketch", options=SHAPES, data_dir=data_dir)
+  opened = sources.open_split(task, "sketch", options=SHAPES, data_dir=data_dir)
   bs = 8
   per_proc = []
   for p in range(procs):
@@ -164,7 +167,7 @@ def test_eval_covers_split_exactly_once(tiny_shared, procs):
 
 def test_normalize_on_device():
   images = np.random.default_rng(0).integers(0, 256, (2, 3, 3, 3), dtype=np.uint8)
-  mean, std = pipeline.IMAGENET_MEAN, pipeline.IMAGENET_STD
+  mean, std = tasks.IMAGENET_MEAN, tasks.IMAGENET_STD
   got = jax.jit(lambda x: pipeline.normalize(x, mean, std))(images)
   want = (images / 255.0 - np.array(mean)) / np.array(std)
   assert got.dtype == np.float32
@@ -176,14 +179,14 @@ def test_normalize_on_device():
 
 
 def test_options_from_the_configs():
-  assert pretrain.input_options(default.get_config()) == pipeline.InputOptions(crop_fraction=1.0)
+  assert plan.input_options(default.get_config()) == InputOptions(crop_fraction=1.0)
   for module in (domainnet_resnet50, imagenet_vit_b16):
-    options = pretrain.input_options(module.get_config())
+    options = plan.input_options(module.get_config())
     assert options.hflip and options.random_resized_crop and options.crop_fraction == 0.875
     assert options.crop_scale == (0.08, 1.0)
   config = default.get_config()
   config.data.crop_scale = [0.2, 1]
-  assert pretrain.input_options(config).crop_scale == (0.2, 1.0)
+  assert plan.input_options(config).crop_scale == (0.2, 1.0)
 
 
 def test_an_unknown_data_key_is_an_error(tmp_path):
@@ -191,9 +194,9 @@ def test_an_unknown_data_key_is_an_error(tmp_path):
   config.unlock()
   config.data.hfilp = True
   with pytest.raises(ValueError, match=r"unknown key\(s\) in the data section: data\.hfilp"):
-    pretrain.input_options(config)
-  with pytest.raises(ValueError, match=r"data\.hfilp"):
-    run.setup(config, tmp_path)  # before anything is built
+    plan.input_options(config)
+  with pytest.raises(plan.ConfigError, match=r"data\.hfilp"):
+    plan.make_plan(config, tmp_path)  # before anything is built
   assert not os.listdir(tmp_path)
 
 
@@ -208,23 +211,23 @@ def test_an_unknown_data_key_is_an_error(tmp_path):
 ])
 def test_bad_option_values_name_the_key(field, value, match):
   with pytest.raises(ValueError, match=match):
-    pipeline.InputOptions(**{field: value})
+    InputOptions(**{field: value})
 
 
 def test_worker_count():
-  assert pipeline.InputOptions(num_workers=3).workers() == 3
-  assert pipeline.InputOptions(num_workers=3).workers(in_memory=True) == 0
-  assert pipeline.InputOptions().workers() == min(pipeline.available_cores(),
-                                                  pipeline.MAX_AUTO_WORKERS)
+  assert InputOptions(num_workers=3).workers() == 3
+  assert InputOptions(num_workers=3).workers(in_memory=True) == 0
+  assert InputOptions().workers() == min(available_cores(),
+                                                  MAX_AUTO_WORKERS)
 
 
 def test_augmentation_is_part_of_the_run_identity():
   config = default.get_config()
-  before = (run.run_dir(config, "w", "ft"), pretrain.cache_key(config))
+  before = (run_dir(config, "w", "ft"), plan.pretrain_key(config))
   config.data.hflip = True
-  assert run.run_dir(config, "w", "ft") != before[0] and pretrain.cache_key(config) != before[1]
+  assert run_dir(config, "w", "ft") != before[0] and plan.pretrain_key(config) != before[1]
   config.data.hflip, config.data.num_workers, config.data.prefetch = False, 4, 8
-  assert (run.run_dir(config, "w", "ft"), pretrain.cache_key(config)) == before  # speed only
+  assert (run_dir(config, "w", "ft"), plan.pretrain_key(config)) == before  # speed only
 
 
 # --------------------------------------------------------------------------
@@ -233,25 +236,25 @@ def test_augmentation_is_part_of_the_run_identity():
 
 def test_presets_name_real_tfds_datasets():
   for name in ("domainnet", "imagenet"):
-    task = pipeline.get_task(name)
+    task = tasks.get_task(name)
     for ref in [task.train, task.heldout, task.val, task.test, *task.ood.values()]:
       builder_cls = tfds.builder_cls(ref.dataset.split("/")[0])
       if "/" in ref.dataset:
         assert ref.dataset.split("/")[1] in builder_cls.builder_configs
-  imagenet = pipeline.get_task("imagenet")
-  assert imagenet.test == pipeline.SplitRef("imagenet2012", "validation")
-  assert imagenet.val == pipeline.SplitRef("imagenet2012", "train[-10000:]")
+  imagenet = tasks.get_task("imagenet")
+  assert imagenet.test == tasks.SplitRef("imagenet2012", "validation")
+  assert imagenet.val == tasks.SplitRef("imagenet2012", "train[-10000:]")
   assert set(imagenet.class_subsets) == {"imagenet_a", "imagenet_r"}
 
 
 def test_domainnet_carving_with_mock_data():
   """The real ``domainnet`` builder accepts the carved slices (mock_data ignores slices: every
   split has 30 examples; the sizes are checked on prepared files below)."""
-  task = pipeline.get_task("domainnet", heldout_size=5, val_size=4, image_size=24)
+  task = tasks.get_task("domainnet", heldout_size=5, val_size=4, image_size=24)
   with tfds.testing.mock_data(num_examples=30, policy=tfds.testing.MockPolicy.USE_CODE), \
       mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", return_value=True):
     for name in ("train", "heldout", "val", "clipart"):
-      assert len(pipeline.open_data_source(task.split(name))) == 30
+      assert len(sources.open_data_source(task.split(name))) == 30
   assert [task.train.split, task.heldout.split, task.val.split] == [
       "train[:-9]", "train[-9:-4]", "train[-4:]"]
 
@@ -319,12 +322,12 @@ def fake_real_dir(tmp_path_factory):
 
 
 def test_domainnet_task_reads_prepared_files(fake_real_dir):
-  task = pipeline.get_task("domainnet", ood_domains=("sketch",), heldout_size=5, val_size=5,
+  task = tasks.get_task("domainnet", ood_domains=("sketch",), heldout_size=5, val_size=5,
                            image_size=16)
-  options = pipeline.InputOptions(num_workers=0)
+  options = InputOptions(num_workers=0)
   labels = {}
   for name in ("train", "heldout", "val", "test", "sketch"):
-    opened = pipeline.open_split(task, name, options=options, data_dir=fake_real_dir)
+    opened = sources.open_split(task, name, options=options, data_dir=fake_real_dir)
     examples = [opened.examples[i] for i in range(len(opened))]
     assert all(e["image"].shape == (16, 16, 3) and e["image"].dtype == np.uint8 for e in examples)
     labels[name] = {int(e["label"]) for e in examples}
@@ -337,10 +340,10 @@ def test_domainnet_task_reads_prepared_files(fake_real_dir):
 
 def test_random_resized_crops_with_worker_processes(fake_real_dir):
   """Real-data training batches: the same bits with 0 and 2 worker processes, and when resumed."""
-  task = pipeline.get_task("domainnet", ood_domains=("sketch",), heldout_size=5, val_size=5,
+  task = tasks.get_task("domainnet", ood_domains=("sketch",), heldout_size=5, val_size=5,
                            image_size=16)
-  options = pipeline.InputOptions(hflip=True, random_resized_crop=True, num_workers=0)
-  opened = pipeline.open_split(task, "train", options=options, data_dir=fake_real_dir, train=True)
+  options = InputOptions(hflip=True, random_resized_crop=True, num_workers=0)
+  opened = sources.open_split(task, "train", options=options, data_dir=fake_real_dir, train=True)
   assert not opened.in_memory and isinstance(opened.augmentation, augment.RandomResizedCrop)
   batches = pipeline.train_batches(opened, batch_size=6, seed=1, process_index=1, process_count=2)
   assert batches[0]["image"].shape == (3, 16, 16, 3) and batches[0]["image"].dtype == np.uint8
@@ -354,63 +357,68 @@ def test_random_resized_crops_with_worker_processes(fake_real_dir):
 
 
 def test_class_subset_inferred_from_labels(fake_real_dir):
-  task = pipeline.get_task("imagenet")
-  subset = pipeline.class_subset(task, "imagenet_a", fake_real_dir)
+  task = tasks.get_task("imagenet")
+  subset = sources.class_subset(task, "imagenet_a", fake_real_dir)
   np.testing.assert_array_equal(subset, [3, 17, 999])
-  assert pipeline.class_subset(task, "test", fake_real_dir) is None
+  assert sources.class_subset(task, "test", fake_real_dir) is None
   logits = np.zeros((2, 1000), np.float32)
   logits[0, 500] = 9.0  # outside the subset: ignored
   logits[0, 17] = 1.0
   logits[1, 999] = 2.0
-  np.testing.assert_array_equal(pipeline.subset_predictions(logits, subset), [17, 999])
-  np.testing.assert_array_equal(pipeline.subset_predictions(logits, None), [500, 999])
+  np.testing.assert_array_equal(sources.subset_predictions(logits, subset), [17, 999])
+  np.testing.assert_array_equal(sources.subset_predictions(logits, None), [500, 999])
 
 
 def test_not_prepared_error_names_dataset_and_dir(tmp_path):
-  task = pipeline.get_task("domainnet")
-  with pytest.raises(pipeline.DatasetNotPreparedError) as err:
-    pipeline.open_split(task, "train", data_dir=os.fspath(tmp_path))
+  task = tasks.get_task("domainnet")
+  with pytest.raises(sources.DatasetNotPreparedError) as err:
+    sources.open_split(task, "train", data_dir=os.fspath(tmp_path))
   assert "'domainnet/real'" in str(err.value) and os.fspath(tmp_path) in str(err.value)
-  with pytest.raises(pipeline.DatasetNotPreparedError, match="imagenet_v2/matched-frequency"):
-    pipeline.open_split(pipeline.get_task("imagenet"), "imagenet_v2", data_dir=os.fspath(tmp_path))
+  with pytest.raises(sources.DatasetNotPreparedError, match="imagenet_v2/matched-frequency"):
+    sources.open_split(tasks.get_task("imagenet"), "imagenet_v2", data_dir=os.fspath(tmp_path))
 
 
 def test_bad_split_is_named(tiny_shared):
-  ref = pipeline.SplitRef(f"{shapes.NAME}/tiny", "real_train[:-1000]")
+  ref = tasks.SplitRef(f"{shapes.NAME}/tiny", "real_train[:-1000]")
   with pytest.raises(ValueError, match=r"has no split 'real_train\[:-1000\]'"):
-    pipeline.open_data_source(ref, os.fspath(tiny_shared / "data"), builtin_config="tiny")
+    sources.open_data_source(ref, os.fspath(tiny_shared / "data"), builtin_config="tiny")
 
 
 def test_builtin_task_builds_on_first_use(tmp_path):
-  task = pipeline.get_task("shapes", config="tiny")
-  opened = pipeline.open_split(task, "clipart", options=SHAPES, data_dir=os.fspath(tmp_path))
+  task = tasks.get_task("shapes", config="tiny")
+  opened = sources.open_split(task, "clipart", options=SHAPES, data_dir=os.fspath(tmp_path))
   assert len(opened) == TINY.test and opened.in_memory
   assert shapes.get_builder("tiny", os.fspath(tmp_path)).is_prepared()
 
 
 def test_runs_train_with_the_data_section(tiny_config, tmp_path, monkeypatch):
   """``config.data.hflip`` (and the rest of the section) reaches pre-training and fine-tuning."""
-  checkpoint = pretrain.pretrained_checkpoint(tiny_config, tmp_path, progress=False)  # cached
+  checkpoint = environment.setup(plan.make_plan(tiny_config, tmp_path),
+                                 progress=False).pretrained()  # cached
   tiny_config.data.hflip = True
   seen = []
 
   class Stop(Exception):
     pass
 
-  def capture(cfg, workdir, run_):
-    seen.append(run_)
+  def capture(setup, workdir):
+    seen.append(setup)
     raise Stop  # before training
 
-  monkeypatch.setattr(run.train, "train", capture)
-  with pytest.raises(Stop):
-    run.setup(tiny_config, tmp_path, progress=False)  # another pre-training: hflip changed
+  monkeypatch.setattr(loop, "train", capture)
+  with pytest.raises(Stop):  # another pre-training: hflip changed
+    environment.setup(plan.make_plan(tiny_config, tmp_path), progress=False)
   tiny_config.pretrain.checkpoint = str(checkpoint)
-  env = run.setup(tiny_config, tmp_path, progress=False)
+  resolved = plan.make_plan(tiny_config, tmp_path)
+  env = environment.setup(resolved, progress=False)
   assert env.input_options == dataclasses.replace(SHAPES, hflip=True, num_workers=-1)
   with pytest.raises(Stop):
-    run.run_method(env, "ft")
-  assert [r.name for r in seen] == ["pretrain", "ft"]
-  assert all(r.input_options == env.input_options for r in seen)
+    runner.run_method(env, resolved, resolved["ft"])
+  assert [s.name for s in seen] == ["pretrain", "ft"]
+  for setup in seen:  # both read their split through the environment: flipped at random
+    setup.data(8, 0).close()
+    assert isinstance(env.open(setup.train.split, augmented=True).augmentation,
+                      augment.RandomFlip)
 
 
 def _alive(pid):
@@ -447,5 +455,5 @@ def test_workers_ignore_sigterm_and_exit_with_their_parent(fake_real_dir):
 def test_the_old_train_hflip_key_is_an_error(tiny_config, tmp_path):
   tiny_config.unlock()
   tiny_config.train.hflip = True
-  with pytest.raises(ValueError, match=r"train\.hflip is not read.*config\.data\.hflip"):
-    run.run_all(tiny_config.lock(), tmp_path, progress=False)
+  with pytest.raises(plan.ConfigError, match=r"train\.hflip is not read.*config\.data\.hflip"):
+    runner.train_and_evaluate(tiny_config.lock(), tmp_path, progress=False)

@@ -1,4 +1,4 @@
-"""Tests of the training loop (experiments.train) through the driver (experiments.run).
+"""Tests of the training loop (experiments.training.loop) through the driver (experiments.run).
 
 Everything runs on the tiny shapes data with a ~1.5k-parameter CNN
 (``configs/tiny.py``): resume after SIGKILL and SIGTERM (bit-identical), moving a
@@ -22,7 +22,9 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from experiments import checkpointing, distributed, run, train, weights
+from experiments import runner
+from experiments.training import checkpointing, distributed, loop, weights
+from tests.experiments.helpers import build_step, run_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -47,12 +49,12 @@ def metrics(path):
 
 def run_one(config, workdir, name, **kwargs):
   config.methods = (name,)
-  return run.run_all(config, workdir, progress=False, **kwargs)
+  return runner.train_and_evaluate(config, workdir, progress=False, **kwargs)
 
 
 def test_train_logs_checkpoints_and_reuses_a_finished_run(tiny_config, tmp_path):
   out = run_one(tiny_config, tmp_path, "tpgm")
-  root = run.run_dir(tiny_config, tmp_path, "tpgm")
+  root = run_dir(tiny_config, tmp_path, "tpgm")
   assert root.name.startswith("tpgm-") and root.parent == tmp_path / "tiny"
   rows = metrics(root / "metrics.jsonl")
   assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -79,11 +81,8 @@ def test_train_logs_checkpoints_and_reuses_a_finished_run(tiny_config, tmp_path)
 
 def test_train_state_is_sharded_like_the_params(tiny_config):
   env_mesh = distributed.make_mesh({"data": 4, "model": 2})
-  task, name = run.pretrain.get_task(tiny_config), "tpgm"
-  built = train.build_step(run.methods.train_config(tiny_config, name), train.Run(
-      name=name, model=run.pretrain.get_model(tiny_config, task), task=task, mesh=env_mesh,
-      method=run.methods.get(name), method_cfg=tiny_config.tpgm,
-      param_sharding=lambda p, m: distributed.param_sharding(p, m, min_size=256)))
+  built = build_step(tiny_config, "tpgm", env_mesh,
+                     param_sharding=lambda p, m: distributed.param_sharding(p, m, min_size=256))
   kernel = built.shardings["params"]["block1"]["unit1"]["conv"]["kernel"]
   assert kernel.spec[-1] == "model" and "data" in kernel.spec, kernel.spec  # TP and FSDP
   # The anchor is kept once, in the method's state, sharded like the params.
@@ -96,15 +95,12 @@ def test_train_state_is_sharded_like_the_params(tiny_config):
 @pytest.mark.parametrize("name, own", [("ft", True), ("l2sp", False), ("ftp", False),
                                        ("spd", False), ("digrap", False), ("mars_pgm", False)])
 def test_anchor_is_kept_once(tiny_config, name, own):
-  task = run.pretrain.get_task(tiny_config)
-  built = train.build_step(run.methods.train_config(tiny_config, name), train.Run(
-      name=name, model=run.pretrain.get_model(tiny_config, task), task=task,
-      mesh=distributed.make_mesh({"data": 1, "model": 1}, devices=jax.devices()[:1]),
-      method=run.methods.get(name), method_cfg=tiny_config.get(name)))
+  built = build_step(tiny_config, name,
+                     distributed.make_mesh({"data": 1, "model": 1}, devices=jax.devices()[:1]))
   state = built.abstract_state
   in_opt_state = optax.tree.get(state["opt_state"], "anchor") is not None
   assert (state["anchor"] is not None) == own and in_opt_state != own
-  assert train.anchor_of(state) is not None
+  assert loop.anchor_of(state) is not None
 
 
 def test_distance_metrics_read_a_masked_anchor_like_a_full_one():
@@ -113,8 +109,8 @@ def test_distance_metrics_read_a_masked_anchor_like_a_full_one():
   full = jax.tree.map(lambda x: x * 0.5, params)
   mask = {"a": {"kernel": True}, "head": {"bias": False}, "z": {"scale": True}}
   masked = dict(full, head={"bias": optax.MaskedNode()})
-  want = train.step_metrics(params, full, None, mask)
-  got = train.step_metrics(params, masked, None, mask)
+  want = loop.step_metrics(params, full, None, mask)
+  got = loop.step_metrics(params, masked, None, mask)
   np.testing.assert_allclose(float(got["distance_l2"]), np.sqrt(12 * 0.25 + 4 * 1.0), rtol=1e-6)
   for key in want:
     np.testing.assert_allclose(float(got[key]), float(want[key]), rtol=1e-6)
@@ -122,9 +118,9 @@ def test_distance_metrics_read_a_masked_anchor_like_a_full_one():
 
 def test_another_configuration_gets_its_own_run_and_never_resumes_another(tiny_config, tmp_path):
   run_one(tiny_config, tmp_path, "ft")
-  first = run.run_dir(tiny_config, tmp_path, "ft")
+  first = run_dir(tiny_config, tmp_path, "ft")
   tiny_config.train.optimizer.lr = 0.5
-  second = run.run_dir(tiny_config, tmp_path, "ft")
+  second = run_dir(tiny_config, tmp_path, "ft")
   assert second != first and not second.exists()
   # A checkpoint directory of another configuration (here: copied over) is refused.
   shutil.copytree(first / "ckpt", second / "ckpt")
@@ -139,14 +135,14 @@ def test_non_finite_loss_stops_with_a_clear_message(tiny_config, tmp_path):
   tiny_config.train.optimizer.lr = 1e30
   tiny_config.train.steps = 6
   tiny_config.train.checkpoint_every = 100
-  with pytest.raises(train.NonFiniteLossError, match="ft: the training loss is nan at step"):
+  with pytest.raises(loop.NonFiniteLossError, match="ft: the training loss is nan at step"):
     run_one(tiny_config, tmp_path, "ft")
-  assert not os.listdir(run.run_dir(tiny_config, tmp_path, "ft") / "ckpt")  # nothing after NaN
+  assert not os.listdir(run_dir(tiny_config, tmp_path, "ft") / "ckpt")  # nothing after NaN
 
 
 def test_corrupt_checkpoint_is_reported_and_never_replaced(tiny_config, tmp_path):
   run_one(tiny_config, tmp_path, "ft")
-  root = run.run_dir(tiny_config, tmp_path, "ft")
+  root = run_dir(tiny_config, tmp_path, "ft")
   shutil.rmtree(root / "params")
   (root / "results.json").unlink()
   for path in pathlib.Path(root / "ckpt" / "4" / "state").rglob("*"):
@@ -160,7 +156,7 @@ def test_corrupt_checkpoint_is_reported_and_never_replaced(tiny_config, tmp_path
 
 def _uninterrupted(config, workdir, mesh):
   run_one(config, workdir, "tpgm", mesh=mesh)
-  root = run.run_dir(config, workdir, "tpgm")
+  root = run_dir(config, workdir, "tpgm")
   return read_params(root / "params"), metrics(root / "metrics.jsonl")
 
 
@@ -193,7 +189,7 @@ def test_checkpoints_move_between_8_devices_and_1(long_tpgm, tmp_path):
     # Keep the checkpoint of step 4 of a finished run and resume on the other mesh.
     resumed = tmp_path / direction.replace(">", "")
     shutil.copytree(source / "tiny", resumed / "tiny")
-    root = run.run_dir(config, resumed, "tpgm")
+    root = run_dir(config, resumed, "tpgm")
     for item in ("params", "results.json", "ckpt/6", "ckpt/8"):
       path = root / item
       shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -203,7 +199,7 @@ def test_checkpoints_move_between_8_devices_and_1(long_tpgm, tmp_path):
       np.testing.assert_allclose(params[k], ref_params[k], rtol=1e-4, atol=1e-6,
                                  err_msg=f"{direction} {k}")
     assert out["results"]["tpgm"]["test"] == pytest.approx(
-        json.loads((run.run_dir(config, workdir, "tpgm") / "results.json").read_text())[
+        json.loads((run_dir(config, workdir, "tpgm") / "results.json").read_text())[
             "results"]["tpgm"]["test"], abs=10)
 
 
@@ -226,7 +222,7 @@ def test_killed_and_preempted_runs_resume_bit_identically(long_tpgm, tmp_path):
   """SIGKILL during the save of step 4, SIGTERM after the save of step 6, then run to the end:
   the same bits as the uninterrupted run."""
   config, _, ref_params, ref_rows = long_tpgm
-  root = run.run_dir(config, tmp_path, "tpgm")
+  root = run_dir(config, tmp_path, "tpgm")
   out = _main(config, tmp_path, interrupt=(4, "SIGKILL")).communicate(timeout=120)[0]
   saved = sorted(int(s) for s in os.listdir(root / "ckpt") if s.isdigit())
   assert saved and saved[-1] <= 4 and not (root / "params").exists(), out[-3000:]
@@ -271,7 +267,7 @@ def test_two_processes_match_one_device(long_tpgm, tmp_path):
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
   assert "| tpgm |" in outs[0] and "| tpgm |" not in outs[1]  # only process 0 reports
-  root = run.run_dir(config, tmp_path, "tpgm")
+  root = run_dir(config, tmp_path, "tpgm")
   rows = metrics(root / "metrics.jsonl")
   assert [r["step"] for r in rows] == list(range(1, 9))
   for a, b in zip(rows, ref_rows):

@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from experiments import models
-from experiments.weights import (CheckpointError, CheckpointExistsError, load_pretrained,
+from experiments.training.weights import (CheckpointError, CheckpointExistsError, load_pretrained,
                                  param_paths, save_params)
 
 needs_8_devices = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")

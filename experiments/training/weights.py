@@ -34,6 +34,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 import tpgm_jax
+from experiments.types import PyTree
 
 __all__ = [
     "CheckpointError",
@@ -43,7 +44,6 @@ __all__ = [
     "save_params",
 ]
 
-PyTree = Any
 
 DEFAULT_DONT_LOAD = ("^params/head/.*",)
 _TMP_MARKER = ".orbax-checkpoint-tmp"  # orbax writes into <path><marker>... then renames

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -19,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from experiments import distributed, train
-from experiments.data import pipeline
-
-PyTree = Any
+from experiments.data import pipeline, sources, tasks
+from experiments.data.options import InputOptions
+from experiments.training import distributed
+from experiments.types import PyTree
 
 
 class Evaluator:
@@ -38,19 +37,19 @@ class Evaluator:
     options: the loader and evaluation-transform settings (``config.data``).
   """
 
-  def __init__(self, model: nn.Module, task: pipeline.Task, mesh: Mesh, *,
+  def __init__(self, model: nn.Module, task: tasks.Task, mesh: Mesh, *,
                names: Sequence[str] | None = None, batch_size: int = 500,
                data_dir: str | None = None,
-               options: pipeline.InputOptions = pipeline.InputOptions()):
+               options: InputOptions = InputOptions()):
     self.model, self.task, self.mesh, self.options = model, task, mesh, options
     self.names = tuple(names if names is not None else task.eval_splits())
-    layout = train.data_layout(batch_size, mesh)
+    layout = distributed.data_layout(batch_size, mesh)
     self.batch_size = batch_size
-    self._splits = {n: pipeline.open_split(task, n, options=options, data_dir=data_dir)
+    self._splits = {n: sources.open_split(task, n, options=options, data_dir=data_dir)
                     for n in self.names}
     self._batches = {n: pipeline.eval_batches(s, batch_size=batch_size, **layout)
                      for n, s in self._splits.items()}
-    self._subsets = {n: pipeline.class_subset(task, n, data_dir) for n in self.names}
+    self._subsets = {n: sources.class_subset(task, n, data_dir) for n in self.names}
     self._counts = jax.jit(self._count, static_argnames="subset")
 
   def _count(self, params, batch, subset):

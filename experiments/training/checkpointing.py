@@ -62,7 +62,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from experiments.weights import CheckpointError, _flatten, _listing
+from experiments.training.weights import CheckpointError, _flatten, _listing
+from experiments.types import PyTree
 
 __all__ = [
     "CheckpointError",
@@ -70,7 +71,6 @@ __all__ = [
     "PreemptionGuard",
 ]
 
-PyTree = Any
 
 _STATE = "state"
 

@@ -18,7 +18,7 @@ Start-up order: resume from the latest checkpoint in ``workdir``, else
 ``init_params`` (e.g. the pre-trained checkpoint), else a fresh init.
 
 The step is built as ``jax.eval_shape`` -> shardings
-(:func:`experiments.distributed.state_sharding`) -> ``jax.jit(...,
+(:func:`experiments.training.distributed.state_sharding`) -> ``jax.jit(...,
 in_shardings, out_shardings, donate_argnums=0)``. The host fetches the
 metrics only every ``cfg.log_every`` steps and before each checkpoint; a
 non-finite loss then stops the run (:class:`NonFiniteLossError`) before a bad
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -44,14 +43,15 @@ import numpy as np
 import optax
 import tqdm
 from etils import epath
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from ml_collections import ConfigDict
 
 import tpgm_jax
-from experiments import checkpointing, distributed, methods, optim, weights
-from experiments.data import pipeline
+from experiments.data import pipeline, tasks
+from experiments.training import checkpointing, distributed, methods, optimizers, weights
+from experiments.types import PyTree
 
-PyTree = Any
 ALL_PARAMS = ((".*", "all"),)
 
 
@@ -63,15 +63,8 @@ class Preempted(Exception):
   """The run stopped on SIGTERM after saving its state; run it again to resume."""
 
 
-def config_hash(cfg: Any) -> str:
-  """A short stable hash of a config (ConfigDict, dict or JSON-able value)."""
-  value = cfg.to_dict() if isinstance(cfg, ConfigDict) else cfg
-  text = json.dumps(value, sort_keys=True, default=str)
-  return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
 def cross_entropy(model: nn.Module, params: PyTree, batch: dict[str, jax.Array],
-                  task: pipeline.Task) -> jax.Array:
+                  task: tasks.Task) -> jax.Array:
   """Mean softmax cross-entropy of ``model`` on ``batch`` (uint8 ``image``, ``label``).
 
   The images are normalised with the task's mean/std here, on the device.
@@ -79,10 +72,6 @@ def cross_entropy(model: nn.Module, params: PyTree, batch: dict[str, jax.Array],
   images = pipeline.normalize(batch["image"], task.mean, task.std)
   logits = model.apply({"params": params}, images)
   return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-
-
-def dummy_images(image_size: int) -> jax.ShapeDtypeStruct:
-  return jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
 
 
 def _select(tree: PyTree, mask: PyTree | None) -> list[Any]:
@@ -133,22 +122,29 @@ def step_metrics(params, anchor, radii, mask) -> dict[str, jax.Array]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Run:
-  """Everything :func:`train` needs besides the train config.
+class TrainSetup:
+  """Everything :func:`train` needs: the train config, the model, the data, the method.
 
   Attributes:
     name: the run's name (logs, errors, checkpoint metadata).
+    train: the train config: ``split``, ``steps``, ``batch_size``, ``optimizer``,
+      ``log_every``, ``checkpoint_every``, ``max_to_keep`` and, for fine-tuning,
+      ``param_groups``, ``frozen``, ``constrained``.
     model: the Flax module.
-    task: the data task; the run trains on split ``cfg.split``.
+    task: the data task (its input normalisation).
     mesh: the device mesh.
-    seed: data order and init seed.
+    init: ``init(key) -> params``, the model's initialisation (traceable).
+    data: ``data(batch_size, start)`` -> an iterator over this process's rows of the
+      training batches ``start, start + 1, ...`` (a pure function of the run's seed and the
+      position).
+    seed: the init and state seed.
     method: the fine-tuning method (``None``: the plain optimizer, no anchor).
-    method_cfg: the method's config section.
+    section: the method's config section.
     init_params: ``init_params(fresh_params) -> params`` used when there is no
       checkpoint to resume (e.g. load the pre-trained weights); ``None`` keeps
       the fresh init.
-    data_dir: TFDS data directory.
-    input_options: augmentation and loader settings (``config.data``).
+    heldout: for a method that takes held-out batches: ``heldout(batch_size, start)`` -> an
+      iterator over this process's rows of the held-out batches ``start, ...``.
     metadata: JSON-able dict saved with every checkpoint and required to match
       on resume (a workdir is tied to one configuration).
     progress: show a progress bar (process 0).
@@ -156,15 +152,17 @@ class Run:
       the rest of the state follows (``distributed.state_sharding``).
   """
   name: str
+  train: ConfigDict
   model: nn.Module
-  task: pipeline.Task
+  task: tasks.Task
   mesh: Mesh
+  init: Callable[[jax.Array], PyTree]
+  data: Callable[[int, int], Any]
   seed: int = 0
   method: methods.Method | None = None
-  method_cfg: ConfigDict | None = None
+  section: ConfigDict | None = None
   init_params: Callable[[PyTree], PyTree] | None = None
-  data_dir: str | None = None
-  input_options: pipeline.InputOptions = pipeline.InputOptions()
+  heldout: Callable[[int, int], Any] | None = None
   metadata: dict[str, Any] | None = None
   progress: bool = True
   param_sharding: Callable[[PyTree, Mesh], PyTree] = distributed.param_sharding
@@ -188,28 +186,27 @@ class Step(NamedTuple):
   create: Callable[[PyTree], PyTree]
 
 
-def build_step(cfg: ConfigDict, run: Run) -> Step:
-  """The train step of ``run``: ``jax.eval_shape`` -> shardings -> ``jax.jit``."""
-  model, mesh, method = run.model, run.mesh, run.method
-  init_key, state_key = jax.random.split(jax.random.key(run.seed))
-  images = dummy_images(run.task.image_size)
-  init_fn = lambda: model.init(init_key, jnp.zeros(images.shape, images.dtype))["params"]
+def build_step(setup: TrainSetup) -> Step:
+  """The train step of ``setup``: ``jax.eval_shape`` -> shardings -> ``jax.jit``."""
+  cfg, model, mesh, method = setup.train, setup.model, setup.mesh, setup.method
+  init_key, state_key = jax.random.split(jax.random.key(setup.seed))
+  init_fn = lambda: setup.init(init_key)  # noqa: E731
   abstract_params = jax.eval_shape(init_fn)
   rules = cfg.get("param_groups", ALL_PARAMS)
-  optim.param_groups(abstract_params, rules)  # every parameter in exactly one group
-  constrained = (optim.group_mask(abstract_params, rules, cfg.constrained)
+  optimizers.param_groups(abstract_params, rules)  # every parameter in exactly one group
+  constrained = (optimizers.group_mask(abstract_params, rules, cfg.constrained)
                  if method is not None else None)
-  inner = optim.optimizer(cfg.optimizer, cfg.steps)
+  inner = optimizers.optimizer(cfg.optimizer, cfg.steps)
   if method is None:
     tx = inner
   else:
-    heldout_loss = lambda p, b: cross_entropy(model, p, b, run.task)
-    tx = method.transform(methods.Context(run.method_cfg, inner, constrained, heldout_loss))
+    heldout_loss = lambda p, b: cross_entropy(model, p, b, setup.task)  # noqa: E731
+    tx = method.transform(methods.Context(setup.section, inner, constrained, heldout_loss))
   frozen = cfg.get("frozen", ())
-  tx = optim.freeze(tx, abstract_params, rules, frozen)
-  trained = jax.tree.map(lambda f: not f, optim.group_mask(abstract_params, rules, frozen))
+  tx = optimizers.freeze(tx, abstract_params, rules, frozen)
+  trained = jax.tree.map(lambda f: not f, optimizers.group_mask(abstract_params, rules, frozen))
   radii_fn = method.radii if method is not None else None
-  lr = optim.schedule(cfg.optimizer, cfg.steps)
+  lr = optimizers.schedule(cfg.optimizer, cfg.steps)
   # The distance metrics need the anchor: a method that records it (TPGM, FTP, SPD,
   # L2-SP, ...) keeps the only copy in its state; for the others the state holds one.
   own_anchor = method is not None and not _method_keeps_anchor(
@@ -221,14 +218,14 @@ def build_step(cfg: ConfigDict, run: Run) -> Step:
             "rng": jax.random.key_data(state_key)}
 
   abstract_state = jax.eval_shape(create, abstract_params)
-  shardings = distributed.state_sharding(abstract_state, mesh, run.param_sharding)
+  shardings = distributed.state_sharding(abstract_state, mesh, setup.param_sharding)
   param_shardings = shardings["params"]
   replicated = NamedSharding(mesh, P())
   batch_sh = distributed.batch_sharding(mesh)
 
   def step(state, batch, heldout):
     params = state["params"]
-    loss, grads = jax.value_and_grad(lambda p: cross_entropy(model, p, batch, run.task))(params)
+    loss, grads = jax.value_and_grad(lambda p: cross_entropy(model, p, batch, setup.task))(params)
     extra = {}
     if heldout is not None:  # (batch, iters, ...) -> (iters, batch, ...)
       extra["heldout"] = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), heldout)
@@ -284,23 +281,12 @@ class _MetricsLog:
     return rows[-1]
 
 
-def data_layout(batch_size: int, mesh: Mesh) -> dict[str, int]:
-  """This process's ``process_index``/``process_count`` in the input pipeline's even split of
-  a global batch: the rows its devices hold (``distributed.process_slice``)."""
-  rows = distributed.process_slice(batch_size, mesh)
-  local = rows.stop - rows.start
-  return {"process_index": rows.start // local, "process_count": batch_size // local}
-
-
-def train(cfg: ConfigDict, workdir: str | epath.Path, run: Run) -> dict[str, Any]:
-  """Runs (or resumes) ``cfg.steps`` training steps of ``run`` in ``workdir``.
+def train(setup: TrainSetup, workdir: str | epath.Path) -> dict[str, Any]:
+  """Runs (or resumes) ``setup.train.steps`` training steps of ``setup`` in ``workdir``.
 
   Args:
-    cfg: the train config: ``split``, ``steps``, ``batch_size``, ``optimizer``,
-      ``log_every``, ``checkpoint_every``, ``max_to_keep`` and, for
-      fine-tuning, ``param_groups``, ``frozen``, ``constrained``.
+    setup: the train config, model, data, method and initialisation (:class:`TrainSetup`).
     workdir: the run's directory (created).
-    run: the model, data, method and initialisation (:class:`Run`).
 
   Returns:
     The final train state (its ``params`` are also saved in ``workdir/params``).
@@ -311,34 +297,29 @@ def train(cfg: ConfigDict, workdir: str | epath.Path, run: Run) -> dict[str, Any
     checkpointing.CheckpointError: a checkpoint in ``workdir`` is corrupt or
       was written by another configuration.
   """
-  if "hflip" in cfg:
-    raise ValueError(f"{run.name}: train.hflip is not read: the augmentation is set in the data "
-                     "section (config.data.hflip, experiments.data.pipeline.InputOptions)")
+  cfg = setup.train
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   primary = jax.process_index() == 0
-  built = build_step(cfg, run)
-  metadata = {"run": run.name, **(run.metadata or {})}
+  built = build_step(setup)
+  metadata = {"run": setup.name, **(setup.metadata or {})}
   ckpt = checkpointing.Checkpointer(workdir / "ckpt", max_to_keep=cfg.max_to_keep,
                                     save_interval_steps=cfg.checkpoint_every)
   with contextlib.ExitStack() as stack:
     stack.callback(ckpt.close)
-    state = _initial_state(ckpt, built, run, metadata)
+    state = _initial_state(ckpt, built, setup, metadata)
     start = int(state["step"])
-    layout = data_layout(cfg.batch_size, run.mesh)
     # Batch `step` of the stream is a pure function of (seed, step): resuming at `start`
     # feeds exactly the batches the interrupted run would have seen.
-    data = stack.enter_context(contextlib.closing(pipeline.train_iterator(
-        run.task, cfg.split, batch_size=cfg.batch_size, seed=run.seed, step=start,
-        data_dir=run.data_dir, options=run.input_options, **layout)))
-    heldout = _heldout_feed(cfg, run, layout, start, stack)
+    data = stack.enter_context(contextlib.closing(setup.data(cfg.batch_size, start)))
+    heldout = _heldout_feed(setup, start, stack)
     log = _MetricsLog(workdir / "metrics.jsonl", start, primary)
-    bar = tqdm.tqdm(total=cfg.steps, initial=start, desc=run.name, unit="step",
-                    disable=not (primary and run.progress), dynamic_ncols=True)
+    bar = tqdm.tqdm(total=cfg.steps, initial=start, desc=setup.name, unit="step",
+                    disable=not (primary and setup.progress), dynamic_ncols=True)
     preempted, clock = False, (time.perf_counter(), start)
     with checkpointing.PreemptionGuard(ckpt) as guard, bar:
       for step in range(start, cfg.steps):
-        batch = distributed.global_batch(next(data), run.mesh)
+        batch = distributed.global_batch(next(data), setup.mesh)
         state, metrics = built.fn(state, batch, heldout(step))
         log.add(step + 1, metrics)
         bar.update(1)
@@ -346,7 +327,7 @@ def train(cfg: ConfigDict, workdir: str | epath.Path, run: Run) -> dict[str, Any
         stop = guard.should_stop(done)
         save = stop or done == cfg.steps or ckpt.should_save(done)
         if save or done % cfg.log_every == 0:
-          last = log.flush(run.name)
+          last = log.flush(setup.name)
           now = time.perf_counter()
           rate = (done - clock[1]) * cfg.batch_size / max(now - clock[0], 1e-9)
           clock = (now, done)
@@ -358,14 +339,14 @@ def train(cfg: ConfigDict, workdir: str | epath.Path, run: Run) -> dict[str, Any
           break
     ckpt.wait_until_finished()
   if preempted:
-    raise Preempted(f"{run.name}: stopped at step {int(state['step'])} on SIGTERM; the state "
+    raise Preempted(f"{setup.name}: stopped at step {int(state['step'])} on SIGTERM; the state "
                     f"is saved in {workdir}: run the same command again to resume")
   if not (workdir / "params").exists():
     weights.save_params(workdir / "params", {"params": state["params"]})
   return state
 
 
-def _initial_state(ckpt, built: Step, run: Run, metadata: dict[str, Any]):
+def _initial_state(ckpt, built: Step, setup: TrainSetup, metadata: dict[str, Any]):
   """Resume from the latest checkpoint, else init_params(fresh), else fresh params."""
   latest = ckpt.latest_step()
   if latest is not None:
@@ -376,47 +357,42 @@ def _initial_state(ckpt, built: Step, run: Run, metadata: dict[str, Any]):
           f"({saved}, now {metadata}); use another workdir or delete it")
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           built.abstract_state, built.shardings)
-    logging.info("%s: resuming from step %d", run.name, latest)
+    logging.info("%s: resuming from step %d", setup.name, latest)
     return ckpt.restore(target, latest)
   params = built.fresh_params()
-  if run.init_params is not None:
-    params = run.init_params(params)
+  if setup.init_params is not None:
+    params = setup.init_params(params)
   return built.create(params)
 
 
-def _heldout_feed(cfg: ConfigDict, run: Run, layout: dict[str, int], start: int,
-                  stack: contextlib.ExitStack):
+def _heldout_feed(setup: TrainSetup, start: int, stack: contextlib.ExitStack):
   """``feed(step)`` -> the held-out batches due at ``step``, or None; a pure function of it.
 
-  With ``(every, iters) = method.heldout(method_cfg)``, step ``k * every``
+  With ``(every, iters) = method.heldout(section)``, step ``k * every``
   gets held-out batches ``k * iters .. k * iters + iters - 1`` (stacked on
-  axis 1: axis 0 stays the sharded batch axis) of ``method_cfg.heldout_batch_size``
+  axis 1: axis 0 stays the sharded batch axis) of ``section.heldout_batch_size``
   examples (default: the training batch size); other steps get None, which
   selects the step's other compiled variant. ``feed`` must be called for every
   step from ``start`` on, in order: it reads the held-out stream sequentially
   (from the batch due at the first multiple of ``every`` at or after
-  ``start``). The held-out images are not augmented.
+  ``start``).
   """
-  method = run.method
+  method = setup.method
   if method is None or method.heldout is None:
     return lambda step: None
-  every, iters = method.heldout(run.method_cfg)
+  every, iters = method.heldout(setup.section)
   if every < 1 or iters < 1:
-    raise ValueError(f"{run.name}: held-out batches every {every} steps, {iters} at a time: "
+    raise ValueError(f"{setup.name}: held-out batches every {every} steps, {iters} at a time: "
                      "both must be >= 1")
   first = -(-start // every)
-  batch_size = int(run.method_cfg.get("heldout_batch_size") or cfg.batch_size)
-  if batch_size != cfg.batch_size:
-    layout = data_layout(batch_size, run.mesh)
-  it = stack.enter_context(contextlib.closing(pipeline.train_iterator(
-      run.task, "heldout", batch_size=batch_size, seed=run.seed + 1, step=first * iters,
-      data_dir=run.data_dir, options=run.input_options, augmented=False, **layout)))
+  batch_size = int(setup.section.get("heldout_batch_size") or setup.train.batch_size)
+  it = stack.enter_context(contextlib.closing(setup.heldout(batch_size, first * iters)))
 
   def feed(step):
     if step % every:
       return None
     local = [next(it) for _ in range(iters)]
     return distributed.global_batch({n: np.stack([b[n] for b in local], axis=1)
-                                     for n in local[0]}, run.mesh)
+                                     for n in local[0]}, setup.mesh)
 
   return feed

@@ -28,7 +28,10 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from experiments.types import PyTree
 
 __all__ = [
     "batch_sharding",
@@ -40,7 +43,6 @@ __all__ = [
     "state_sharding",
 ]
 
-PyTree = Any
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -282,3 +284,11 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
                        f"{np.shape(x)}")
     out[name] = jax.make_array_from_process_local_data(sharding, x)
   return out
+
+
+def data_layout(batch_size: int, mesh: Mesh) -> dict[str, int]:
+  """This process's ``process_index``/``process_count`` in the input pipeline's even split of
+  a global batch: the rows its devices hold (:func:`process_slice`)."""
+  rows = process_slice(batch_size, mesh)
+  local = rows.stop - rows.start
+  return {"process_index": rows.start // local, "process_count": batch_size // local}

@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import optax
 from ml_collections import ConfigDict
 
 import tpgm_jax
-from experiments import weights
+from experiments.training import weights
+from experiments.types import PyTree
 
-PyTree = Any
 Rules = Sequence[tuple[str, str]]
 
 FROZEN, TRAINED = "frozen", "trained"

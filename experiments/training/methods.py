@@ -1,6 +1,6 @@
 """The fine-tuning methods: each is an optax transformation or a post-hoc step.
 
-Every trained method runs through the same loop (:mod:`experiments.train`);
+Every trained method runs through the same loop (:mod:`experiments.training.loop`);
 they differ only in the transformation built here from the inner optimizer
 (``config.train.optimizer``) and the mask of constrained parameters
 (``config.train.constrained``), and in a few hooks:
@@ -28,7 +28,7 @@ head (Wortsman et al. 2022, section "linear classifier").
 =================  ===========================================================
 
 A method's hyper-parameters are ``config.<name>``; its ``train`` sub-section
-overrides fields of ``config.train`` (see :func:`train_config`).
+overrides fields of ``config.train`` (see :func:`experiments.plan.train_config`).
 """
 
 from __future__ import annotations
@@ -38,13 +38,12 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 from ml_collections import ConfigDict
 
 import tpgm_jax
+from experiments.types import PyTree
 
-PyTree = Any
 Mask = PyTree  # a pytree of bools, as optax.masked takes it
 LossFn = Callable[[PyTree, Any], jax.Array]
 
@@ -116,45 +115,6 @@ class Method:
   @property
   def trained(self) -> bool:
     return self.transform is not None
-
-
-def train_config(config: ConfigDict, name: str) -> ConfigDict:
-  """``config.train`` with the overrides in ``config.<name>.train`` (deep-merged)."""
-  train = ConfigDict(config.train.to_dict())
-  section = config.get(name)
-  if section is not None and "train" in section:
-    train.update(section.train.to_dict())
-  return train
-
-
-def dependencies(config: ConfigDict, name: str) -> tuple[str, ...]:
-  """The runs ``name`` needs first: its ``init_from``, ``base`` and ``source``, if any."""
-  section = config.get(name) or {}
-  return tuple(section[k] for k in ("init_from", "base", "source") if section.get(k))
-
-
-def run_order(config: ConfigDict) -> list[str]:
-  """``config.methods`` with their dependencies first, each once."""
-  order: list[str] = []
-
-  def visit(name, chain=()):
-    if name in chain:
-      raise ValueError(f"methods depend on each other in a cycle: {' -> '.join(chain + (name,))}")
-    get(name, config)
-    for dep in dependencies(config, name):
-      visit(dep, chain + (name,))
-    if name not in order:
-      order.append(name)
-
-  for name in method_names(config):
-    visit(name)
-  return order
-
-
-def method_names(config: ConfigDict) -> list[str]:
-  """``config.methods``; an entry may list several names, comma-separated
-  (``--config.methods=ft,lp`` on the command line)."""
-  return [n.strip() for item in config.methods for n in item.split(",") if n.strip()]
 
 
 # --------------------------------------------------------------------------

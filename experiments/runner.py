@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import traverse_util
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
@@ -65,25 +66,18 @@ def constrained_mask(spec: RunSpec, params: PyTree) -> PyTree:
   return optimizers.group_mask(params, spec.train.param_groups, spec.train.constrained)
 
 
-def _paths_in_creation_order(params: PyTree, prefix: str = "") -> list[str]:
-  out = []
-  for key, value in params.items():
-    path = f"{prefix}{key}"
-    out.extend(_paths_in_creation_order(value, path + "/") if isinstance(value, dict) else [path])
-  return out
-
-
 def depth_order(env: Environment) -> list[str]:
   """Parameter paths in the order the modules were created (depth order for our models).
 
-  ``model.init`` builds its dicts in call order, which flattening loses (it
-  sorts: ``block1`` before ``stem``), so the order is read while tracing.
+  ``model.init`` builds its dicts in call order, which sorting flattening loses
+  (``block1`` before ``stem``); ``flax.traverse_util.flatten_dict`` keeps it, so the
+  order is read from the params as traced.
   """
   order = []
 
   def init():
     params = env.init_params(jax.random.key(0))
-    order.extend(_paths_in_creation_order(params))
+    order.extend(traverse_util.flatten_dict(params, sep="/"))
     return params
 
   jax.eval_shape(init)
@@ -134,7 +128,7 @@ def run_method(env: Environment, plan: Plan, spec: RunSpec
     pretrained = start_params(env, plan, source, fresh)
     mask = constrained_mask(source, fresh)
   ctx = methods.PostHocContext(
-      name=spec.name, cfg=section, pretrained=pretrained, constrained=mask,
+      name=spec.name, section=section, pretrained=pretrained, constrained=mask,
       finetuned=env.load(plan[section.source].directory / "params", fresh),
       heldout_loss=env.loss,
       heldout_batches=env.heldout_batches(

@@ -110,14 +110,14 @@ def shapes_task(
   if config not in shapes.CONFIGS:
     raise ValueError(f"unknown multidomain_shapes config {config!r}; "
                      f"known: {sorted(shapes.CONFIGS)}")
-  cfg = shapes.CONFIGS[config]
+  builder_config = shapes.CONFIGS[config]
   if ood_domains is None:
-    ood_domains = [d for d in cfg.domains if d != id_domain]
+    ood_domains = [d for d in builder_config.domains if d != id_domain]
   ds = f"{shapes.NAME}/{config}"
   return Task(
       name="shapes",
-      num_classes=max(cfg.classes) + 1,
-      pretrain_num_classes=max(cfg.pretrain_classes) + 1,
+      num_classes=max(builder_config.classes) + 1,
+      pretrain_num_classes=max(builder_config.pretrain_classes) + 1,
       image_size=render.IMAGE_SIZE,
       train=SplitRef(ds, f"{id_domain}_train"),
       heldout=SplitRef(ds, f"{id_domain}_heldout"),

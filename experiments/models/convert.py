@@ -72,6 +72,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 import tpgm_jax
 from experiments import models
@@ -93,7 +94,6 @@ __all__ = [
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 BN_EPS = 1e-5  # torch.nn.BatchNorm2d's default, used by CLIP's and timm's ResNets
-_MAX_LISTED = 20
 
 
 class ConversionError(ValueError):
@@ -297,27 +297,10 @@ def _get_format(name: str) -> Format:
   return FORMATS[name]
 
 
-def _listing(items: Sequence[str]) -> str:
-  shown = "\n    ".join(items[:_MAX_LISTED])
-  more = len(items) - _MAX_LISTED
-  return shown + (f"\n    ... and {more} more" if more > 0 else "")
-
-
 def _abstract_params(model: Any, image_size: int) -> dict[str, tuple[int, ...]]:
   """``{path without 'params/': shape}`` of the model's parameters at ``image_size``."""
   params = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), image_size))
   return dict(zip(tpgm_jax.leaf_paths(params), (tuple(p.shape) for p in jax.tree.leaves(params))))
-
-
-def _nest(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for path, value in flat.items():
-    *parents, leaf = path.split("/")
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
 
 
 def default_model(fmt: str, tensors: Mapping[str, np.ndarray], preset: str | None = None,
@@ -369,7 +352,7 @@ def convert(fmt: str, tensors: Mapping[str, np.ndarray], model: Any = None,
     raise ConversionError(
         f"format {fmt!r} cannot produce {len(unmappable)} parameter(s) of the model "
         f"{type(model).__name__} (is it the {spec.model} architecture?):\n    "
-        + _listing(unmappable))
+        + weights.listing(unmappable, "\n    "))
 
   # One message per source key (a BatchNorm's four tensors feed two parameters).
   missing, misshaped, used = {}, {}, set()
@@ -397,7 +380,7 @@ def convert(fmt: str, tensors: Mapping[str, np.ndarray], model: Any = None,
                       ("mis-shaped", list(misshaped.values())),
                       ("not used by the model (unmapped)", unused)):
     if items:
-      problems.append(f"{len(items)} key(s) {what}:\n    " + _listing(sorted(items)))
+      problems.append(f"{len(items)} key(s) {what}:\n    " + weights.listing(sorted(items), "\n    "))
   if problems:
     raise ConversionError(
         f"{source} does not fit the {fmt!r} layout of {type(model).__name__} "
@@ -408,7 +391,7 @@ def convert(fmt: str, tensors: Mapping[str, np.ndarray], model: Any = None,
     src = [np.asarray(tensors[k], dtype=np.float64) for k in rule.keys]
     flat[path] = _apply(rule, src, targets[path]).astype(np.float32)
     assert flat[path].shape == targets[path], (path, flat[path].shape)
-  return {"params": _nest(flat)}
+  return {"params": traverse_util.unflatten_dict(flat, sep="/")}
 
 
 def read_safetensors(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:

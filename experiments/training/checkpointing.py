@@ -12,13 +12,13 @@ directory, one orbax step directory per saved step::
 The train loop uses it with :class:`PreemptionGuard`:
 
   >>> ckpt = Checkpointer(workdir / "ckpt", save_interval_steps=100)  # doctest: +SKIP
-  >>> if ckpt.latest_step() is not None:                              # doctest: +SKIP
+  >>> if ckpt.manager.latest_step() is not None:                      # doctest: +SKIP
   ...   state = ckpt.restore(abstract_state)     # onto abstract_state's shardings
   >>> with PreemptionGuard(ckpt) as guard:                            # doctest: +SKIP
   ...   for step in range(int(state["step"]), num_steps):
   ...     state = train_step(state, batch)
   ...     stop = guard.should_stop(step + 1)     # same answer on every process
-  ...     if stop or ckpt.should_save(step + 1):
+  ...     if stop or ckpt.manager.should_save(step + 1):
   ...       ckpt.save(step + 1, state, force=True)
   ...     if stop:
   ...       break                                # then exit with status 0
@@ -62,7 +62,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from experiments.training.weights import CheckpointError, _flatten, _listing
+from experiments.training.weights import CheckpointError, flatten, listing
 from experiments.types import PyTree
 
 __all__ = [
@@ -80,7 +80,7 @@ def _is_primary() -> bool:
 
 
 def _check_savable(state: PyTree) -> None:
-  for path, leaf in zip(*_flatten(state)[:2]):
+  for path, leaf in zip(*flatten(state)[:2]):
     dtype = getattr(leaf, "dtype", None)
     if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
       raise TypeError(
@@ -94,8 +94,8 @@ def _dtype(leaf: Any) -> np.dtype:
 
 def _check_fits(target: PyTree, saved: PyTree, directory: epath.Path) -> None:
   """Raises CheckpointError unless the ``saved`` metadata tree has target's paths, shapes, dtypes."""
-  want_paths, want_leaves, _ = _flatten(target)
-  have_paths, have_meta, _ = _flatten(saved)
+  want_paths, want_leaves, _ = flatten(target)
+  have_paths, have_meta, _ = flatten(saved)
   want = dict(zip(want_paths, want_leaves))
   have = dict(zip(have_paths, have_meta))
   problems = []
@@ -103,10 +103,10 @@ def _check_fits(target: PyTree, saved: PyTree, directory: epath.Path) -> None:
   unexpected = [p for p in have_paths if p not in want]
   if missing:
     problems.append(f"{len(missing)} leaf(s) of the target missing from the checkpoint: "
-                    + _listing(missing))
+                    + listing(missing))
   if unexpected:
     problems.append(f"{len(unexpected)} checkpoint leaf(s) not in the target: "
-                    + _listing(unexpected))
+                    + listing(unexpected))
   mismatched = []
   for p in want_paths:
     if p not in have:
@@ -117,7 +117,7 @@ def _check_fits(target: PyTree, saved: PyTree, directory: epath.Path) -> None:
                         f"vs target {shape} {dtype}")
   if mismatched:
     problems.append(f"shape/dtype mismatch for {len(mismatched)} leaf(s): "
-                    + _listing(mismatched))
+                    + listing(mismatched))
   if problems:
     raise CheckpointError(f"checkpoint {directory} does not fit the target state:\n  "
                           + "\n  ".join(problems))
@@ -194,6 +194,12 @@ class Checkpointer:
   def __exit__(self, *exc_info: Any) -> None:
     self.close()
 
+  @property
+  def manager(self) -> ocp.CheckpointManager:
+    """The orbax ``CheckpointManager``: ``latest_step()``, ``should_save(step)``,
+    ``reached_preemption(step)``, ``wait_until_finished()`` are orbax's own."""
+    return self._manager
+
   def step_directory(self, step: int) -> epath.Path:
     """The directory of the checkpoint of ``step`` (it may not exist)."""
     return self.directory / str(step)
@@ -201,20 +207,6 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     """The saved steps (finalized, or being saved by this object), oldest first."""
     return sorted(self._manager.all_steps())
-
-  def latest_step(self) -> int | None:
-    """The newest saved step, or None if there is none."""
-    return self._manager.latest_step()
-
-  def should_save(self, step: int) -> bool:
-    """orbax's decision: a multiple of ``save_interval_steps`` (or a preemption sync point)
-    after the latest saved step."""
-    return self._manager.should_save(step)
-
-  def reached_preemption(self, step: int) -> bool:
-    """orbax's ``reached_preemption``: whether all processes should save and stop at ``step``
-    after a preemption notice (JAX's preemption service; always False with one process)."""
-    return self._manager.reached_preemption(step)
 
   def save(self, step: int, state: PyTree, *, force: bool = False,
            metadata: dict[str, Any] | None = None) -> bool:
@@ -242,7 +234,7 @@ class Checkpointer:
     """
     if self.read_only:
       raise CheckpointError(f"cannot save step {step}: {self.directory} is opened read-only")
-    if not force and not self.should_save(step):
+    if not force and not self._manager.should_save(step):
       return False
     if step in self._manager.all_steps():
       if _is_primary():
@@ -270,7 +262,7 @@ class Checkpointer:
 
   def _checked_step(self, step: int | None) -> int:
     if step is None:
-      latest = self.latest_step()
+      latest = self._manager.latest_step()
       if latest is None:
         raise CheckpointError(f"no checkpoint in {self.directory}")
       return latest
@@ -296,7 +288,7 @@ class Checkpointer:
         directory and the previous step: nothing falls back to an older
         checkpoint by itself.
     """
-    self.wait_until_finished()
+    self._manager.wait_until_finished()
     step = self._checked_step(step)
     path = self.step_directory(step)
     items = self._step_metadata(step).item_metadata
@@ -323,7 +315,7 @@ class Checkpointer:
       CheckpointError: no checkpoint (for ``step``), or its step metadata is
         missing or unreadable (a damaged step).
     """
-    self.wait_until_finished()
+    self._manager.wait_until_finished()
     return self._step_metadata(self._checked_step(step)).custom_metadata or None
 
   def _step_metadata(self, step: int) -> Any:
@@ -338,10 +330,6 @@ class Checkpointer:
     if metadata.commit_timestamp_nsecs is None:  # orbax found no readable step metadata
       raise CheckpointError(f"cannot read {where}{self._previous_step_hint(step)}")
     return metadata
-
-  def wait_until_finished(self) -> None:
-    """Blocks until the save in progress (if any) is finalized."""
-    self._manager.wait_until_finished()
 
   def close(self) -> None:
     """Waits for the save in progress and releases orbax's resources."""
@@ -421,7 +409,7 @@ class PreemptionGuard:
     """
     if not self._stop:
       if self._multiprocess:
-        self._stop = self._checkpointer.reached_preemption(step)
+        self._stop = self._checkpointer.manager.reached_preemption(step)
       else:
         self._stop = self._requested
     return self._stop

@@ -1,6 +1,6 @@
 """One training loop for pre-training and for every fine-tuning method.
 
-:func:`train` runs ``cfg.steps`` steps of one run in ``workdir``::
+:func:`train` runs ``train_cfg.steps`` steps of one run in ``workdir``::
 
   workdir/ckpt/<step>/   Checkpointer: the whole train state (see below)
   workdir/metrics.jsonl  one JSON line per step (process 0 only)
@@ -20,7 +20,7 @@ Start-up order: resume from the latest checkpoint in ``workdir``, else
 The step is built as ``jax.eval_shape`` -> shardings
 (:func:`experiments.training.distributed.state_sharding`) -> ``jax.jit(...,
 in_shardings, out_shardings, donate_argnums=0)``. The host fetches the
-metrics only every ``cfg.log_every`` steps and before each checkpoint; a
+metrics only every ``train_cfg.log_every`` steps and before each checkpoint; a
 non-finite loss then stops the run (:class:`NonFiniteLossError`) before a bad
 state is saved. SIGTERM saves the state and raises :class:`Preempted`.
 """
@@ -111,7 +111,7 @@ def step_metrics(params, anchor, radii, mask) -> dict[str, jax.Array]:
     diffs = [w - w0 for w, w0 in zip(_select(params, mask),
                                      _select(anchor, mask))]
     if diffs:
-      out["distance_l2"] = jnp.sqrt(sum(jnp.sum(jnp.square(d)) for d in diffs))
+      out["distance_l2"] = optax.tree.norm(diffs)
       out["distance_mars_max"] = jnp.max(jnp.stack(
           [jnp.max(tpgm_jax.channel_norms(d, "mars")) for d in diffs]))
   if radii is not None:
@@ -188,25 +188,25 @@ class Step(NamedTuple):
 
 def build_step(setup: TrainSetup) -> Step:
   """The train step of ``setup``: ``jax.eval_shape`` -> shardings -> ``jax.jit``."""
-  cfg, model, mesh, method = setup.train, setup.model, setup.mesh, setup.method
+  train_cfg, model, mesh, method = setup.train, setup.model, setup.mesh, setup.method
   init_key, state_key = jax.random.split(jax.random.key(setup.seed))
   init_fn = lambda: setup.init(init_key)  # noqa: E731
   abstract_params = jax.eval_shape(init_fn)
-  rules = cfg.get("param_groups", ALL_PARAMS)
+  rules = train_cfg.get("param_groups", ALL_PARAMS)
   optimizers.param_groups(abstract_params, rules)  # every parameter in exactly one group
-  constrained = (optimizers.group_mask(abstract_params, rules, cfg.constrained)
+  constrained = (optimizers.group_mask(abstract_params, rules, train_cfg.constrained)
                  if method is not None else None)
-  inner = optimizers.optimizer(cfg.optimizer, cfg.steps)
+  inner = optimizers.optimizer(train_cfg.optimizer, train_cfg.steps)
   if method is None:
     tx = inner
   else:
     heldout_loss = lambda p, b: cross_entropy(model, p, b, setup.task)  # noqa: E731
     tx = method.transform(methods.Context(setup.section, inner, constrained, heldout_loss))
-  frozen = cfg.get("frozen", ())
+  frozen = train_cfg.get("frozen", ())
   tx = optimizers.freeze(tx, abstract_params, rules, frozen)
   trained = jax.tree.map(lambda f: not f, optimizers.group_mask(abstract_params, rules, frozen))
   radii_fn = method.radii if method is not None else None
-  lr = optimizers.schedule(cfg.optimizer, cfg.steps)
+  lr = optimizers.schedule(train_cfg.optimizer, train_cfg.steps)
   # The distance metrics need the anchor: a method that records it (TPGM, FTP, SPD,
   # L2-SP, ...) keeps the only copy in its state; for the others the state holds one.
   own_anchor = method is not None and not _method_keeps_anchor(
@@ -297,39 +297,39 @@ def train(setup: TrainSetup, workdir: str | epath.Path) -> dict[str, Any]:
     checkpointing.CheckpointError: a checkpoint in ``workdir`` is corrupt or
       was written by another configuration.
   """
-  cfg = setup.train
+  train_cfg = setup.train
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   primary = jax.process_index() == 0
   built = build_step(setup)
   metadata = {"run": setup.name, **(setup.metadata or {})}
-  ckpt = checkpointing.Checkpointer(workdir / "ckpt", max_to_keep=cfg.max_to_keep,
-                                    save_interval_steps=cfg.checkpoint_every)
+  ckpt = checkpointing.Checkpointer(workdir / "ckpt", max_to_keep=train_cfg.max_to_keep,
+                                    save_interval_steps=train_cfg.checkpoint_every)
   with contextlib.ExitStack() as stack:
     stack.callback(ckpt.close)
     state = _initial_state(ckpt, built, setup, metadata)
     start = int(state["step"])
     # Batch `step` of the stream is a pure function of (seed, step): resuming at `start`
     # feeds exactly the batches the interrupted run would have seen.
-    data = stack.enter_context(contextlib.closing(setup.data(cfg.batch_size, start)))
+    data = stack.enter_context(contextlib.closing(setup.data(train_cfg.batch_size, start)))
     heldout = _heldout_feed(setup, start, stack)
     log = _MetricsLog(workdir / "metrics.jsonl", start, primary)
-    bar = tqdm.tqdm(total=cfg.steps, initial=start, desc=setup.name, unit="step",
+    bar = tqdm.tqdm(total=train_cfg.steps, initial=start, desc=setup.name, unit="step",
                     disable=not (primary and setup.progress), dynamic_ncols=True)
     preempted, clock = False, (time.perf_counter(), start)
     with checkpointing.PreemptionGuard(ckpt) as guard, bar:
-      for step in range(start, cfg.steps):
+      for step in range(start, train_cfg.steps):
         batch = distributed.global_batch(next(data), setup.mesh)
         state, metrics = built.fn(state, batch, heldout(step))
         log.add(step + 1, metrics)
         bar.update(1)
         done = step + 1
         stop = guard.should_stop(done)
-        save = stop or done == cfg.steps or ckpt.should_save(done)
-        if save or done % cfg.log_every == 0:
+        save = stop or done == train_cfg.steps or ckpt.manager.should_save(done)
+        if save or done % train_cfg.log_every == 0:
           last = log.flush(setup.name)
           now = time.perf_counter()
-          rate = (done - clock[1]) * cfg.batch_size / max(now - clock[0], 1e-9)
+          rate = (done - clock[1]) * train_cfg.batch_size / max(now - clock[0], 1e-9)
           clock = (now, done)
           bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{rate:.0f}")
         if save:
@@ -337,7 +337,7 @@ def train(setup: TrainSetup, workdir: str | epath.Path) -> dict[str, Any]:
         if stop:
           preempted = True
           break
-    ckpt.wait_until_finished()
+    ckpt.manager.wait_until_finished()
   if preempted:
     raise Preempted(f"{setup.name}: stopped at step {int(state['step'])} on SIGTERM; the state "
                     f"is saved in {workdir}: run the same command again to resume")
@@ -348,7 +348,7 @@ def train(setup: TrainSetup, workdir: str | epath.Path) -> dict[str, Any]:
 
 def _initial_state(ckpt, built: Step, setup: TrainSetup, metadata: dict[str, Any]):
   """Resume from the latest checkpoint, else init_params(fresh), else fresh params."""
-  latest = ckpt.latest_step()
+  latest = ckpt.manager.latest_step()
   if latest is not None:
     saved = ckpt.restore_metadata(latest)
     if saved is not None and saved != metadata:

@@ -53,12 +53,12 @@ class Context:
   """What a method's transformation is built from.
 
   Attributes:
-    cfg: the method's own config section (``config.<name>``).
+    section: the method's own config section (``config.<name>``).
     inner: the inner optimizer (``config.train.optimizer``, with its schedule).
     constrained: mask of the parameters kept near the anchor (never the new head).
     heldout_loss: ``loss(params, batch) -> scalar`` on a held-out batch.
   """
-  cfg: ConfigDict
+  section: ConfigDict
   inner: optax.GradientTransformation
   constrained: Mask
   heldout_loss: LossFn
@@ -70,15 +70,15 @@ class PostHocContext:
 
   Attributes:
     name: the method's name (its result row).
-    cfg: the method's config section.
+    section: the method's config section.
     pretrained: the pre-trained parameters; the new head is ``None``.
-    finetuned: the parameters of the ``cfg.source`` run.
+    finetuned: the parameters of the ``section.source`` run.
     constrained: mask of the constrained parameters.
     heldout_loss: as in :class:`Context`.
     heldout_batches: ``heldout_batches(n)`` yields ``n`` held-out batches.
   """
   name: str
-  cfg: ConfigDict
+  section: ConfigDict
   pretrained: PyTree
   finetuned: PyTree
   constrained: Mask
@@ -101,7 +101,7 @@ class Method:
     transform: ``transform(ctx) -> optax transformation`` for a trained method.
     post_hoc: ``post_hoc(ctx) -> PostHocResult`` for a post-hoc method.
     heldout: for a transformation whose ``update`` takes ``heldout=`` batches:
-      ``heldout(cfg) -> (every, iters)``: the loop passes ``iters`` held-out
+      ``heldout(section) -> (every, iters)``: the loop passes ``iters`` held-out
       batches (stacked on a leading axis) at the steps that are multiples of
       ``every``, and none at the others.
     radii: ``radii(opt_state) -> radii pytree`` for methods that learn radii.
@@ -125,14 +125,14 @@ def _wise_ft(ctx: PostHocContext) -> PostHocResult:
   return PostHocResult({
       f"{ctx.name}_{alpha:g}": tpgm_jax.interpolate(ctx.finetuned, ctx.pretrained, alpha=alpha,
                                                  mask=ctx.constrained)
-      for alpha in ctx.cfg.alphas})
+      for alpha in ctx.section.alphas})
 
 
 def _tpgm_post_hoc(ctx: PostHocContext) -> PostHocResult:
   params, radii = tpgm_jax.learn_radii_post_hoc(
-      ctx.heldout_loss, ctx.finetuned, ctx.pretrained, ctx.heldout_batches(ctx.cfg.steps),
-      norm=ctx.cfg.norm, mask=ctx.constrained, optimizer=optax.adam(ctx.cfg.lr),
-      radius_units=ctx.cfg.get("radius_units", "absolute"))
+      ctx.heldout_loss, ctx.finetuned, ctx.pretrained, ctx.heldout_batches(ctx.section.steps),
+      norm=ctx.section.norm, mask=ctx.constrained, optimizer=optax.adam(ctx.section.lr),
+      radius_units=ctx.section.get("radius_units", "absolute"))
   return PostHocResult({ctx.name: params}, radii)
 
 
@@ -146,14 +146,14 @@ def _radii(opt_state) -> PyTree:
 
 def _tpgm(ctx: Context) -> optax.GradientTransformation:
   return optax.chain(ctx.inner, tpgm_jax.trainable_projection(
-      ctx.heldout_loss, norm=ctx.cfg.norm, mask=ctx.constrained, max_iters=ctx.cfg.max_iters,
-      radius_optimizer=optax.adam(ctx.cfg.lr),
-      radius_units=ctx.cfg.get("radius_units", "absolute")))
+      ctx.heldout_loss, norm=ctx.section.norm, mask=ctx.constrained, max_iters=ctx.section.max_iters,
+      radius_optimizer=optax.adam(ctx.section.lr),
+      radius_units=ctx.section.get("radius_units", "absolute")))
 
 
 def _mars_pgm(ctx: Context) -> optax.GradientTransformation:
-  return optax.chain(ctx.inner, tpgm_jax.tpgm(norm=ctx.cfg.norm, mask=ctx.constrained,
-                                              radii=ctx.cfg.radius))
+  return optax.chain(ctx.inner, tpgm_jax.tpgm(norm=ctx.section.norm, mask=ctx.constrained,
+                                              radii=ctx.section.radius))
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -161,15 +161,15 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("lp", transform=lambda ctx: ctx.inner),
     Method("lp_ft", transform=lambda ctx: ctx.inner),
     Method("l2sp", transform=lambda ctx: optax.chain(
-        tpgm_jax.l2sp(ctx.cfg.alpha, ctx.cfg.beta, mask=ctx.constrained), ctx.inner)),
-    Method("ftp", transform=lambda ctx: tpgm_jax.ftp(ctx.inner, k=ctx.cfg.k,
+        tpgm_jax.l2sp(ctx.section.alpha, ctx.section.beta, mask=ctx.constrained), ctx.inner)),
+    Method("ftp", transform=lambda ctx: tpgm_jax.ftp(ctx.inner, k=ctx.section.k,
                                                      mask=ctx.constrained)),
     Method("spd", transform=lambda ctx: tpgm_jax.spd(
-        ctx.inner, weight_decay=ctx.cfg.weight_decay, mask=ctx.constrained)),
+        ctx.inner, weight_decay=ctx.section.weight_decay, mask=ctx.constrained)),
     Method("digrap", transform=lambda ctx: optax.chain(
-        tpgm_jax.digrap(strength_lr=ctx.cfg.strength_lr, mask=ctx.constrained), ctx.inner)),
+        tpgm_jax.digrap(strength_lr=ctx.section.strength_lr, mask=ctx.constrained), ctx.inner)),
     Method("mars_pgm", transform=_mars_pgm),
-    Method("tpgm", heldout=lambda cfg: (cfg.proj_freq, cfg.max_iters), radii=_radii,
+    Method("tpgm", heldout=lambda section: (section.proj_freq, section.max_iters), radii=_radii,
            transform=_tpgm),
     Method("wise_ft", post_hoc=_wise_ft),
     Method("tpgm_post_hoc", post_hoc=_tpgm_post_hoc),

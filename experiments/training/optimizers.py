@@ -55,7 +55,7 @@ def param_groups(params: PyTree, rules: Rules) -> dict[str, str]:
   unused = [rules[i][0] for i in range(len(rules)) if i not in used]
   problems = []
   if unmatched:
-    problems.append(f"parameters matched by no rule: {weights._listing(unmatched)}")
+    problems.append(f"parameters matched by no rule: {weights.listing(unmatched)}")
   if unused:
     problems.append(f"rules matching no parameter (misspelt or shadowed by an earlier "
                     f"rule): {unused}")
@@ -89,34 +89,34 @@ def freeze(tx: optax.GradientTransformation, params: PyTree, rules: Rules,
   return optax.multi_transform({TRAINED: tx, FROZEN: optax.set_to_zero()}, labels)
 
 
-def schedule(cfg: ConfigDict, steps: int) -> optax.Schedule:
-  """Learning-rate schedule: ``cfg.schedule`` in {"cosine", "constant"} after ``cfg.warmup_steps``."""
-  warmup = int(cfg.get("warmup_steps", 0))
-  if cfg.schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(steps, warmup + 1))
-  if cfg.schedule == "constant":
+def schedule(settings: ConfigDict, steps: int) -> optax.Schedule:
+  """Learning-rate schedule: ``settings.schedule`` in {"cosine", "constant"} after ``settings.warmup_steps``."""
+  warmup = int(settings.get("warmup_steps", 0))
+  if settings.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, settings.lr, warmup, max(steps, warmup + 1))
+  if settings.schedule == "constant":
     if warmup:
       return optax.join_schedules(
-          [optax.linear_schedule(0.0, cfg.lr, warmup), optax.constant_schedule(cfg.lr)], [warmup])
-    return optax.constant_schedule(cfg.lr)
-  raise ValueError(f"unknown schedule {cfg.schedule!r}; use 'cosine' or 'constant'")
+          [optax.linear_schedule(0.0, settings.lr, warmup), optax.constant_schedule(settings.lr)], [warmup])
+    return optax.constant_schedule(settings.lr)
+  raise ValueError(f"unknown schedule {settings.schedule!r}; use 'cosine' or 'constant'")
 
 
-def optimizer(cfg: ConfigDict, steps: int) -> optax.GradientTransformation:
-  """The inner optimizer of ``cfg`` (``name`` in sgd / adam / adamw) over ``steps`` steps.
+def optimizer(settings: ConfigDict, steps: int) -> optax.GradientTransformation:
+  """The inner optimizer of ``settings`` (``name`` in sgd / adam / adamw) over ``steps`` steps.
 
   ``sgd`` adds ``weight_decay * w`` to the gradient before the momentum (PyTorch's
   coupled decay, as in the TPGM recipe); ``adamw`` decouples it; ``adam`` has none.
   """
-  lr = schedule(cfg, steps)
-  wd = float(cfg.get("weight_decay", 0.0))
-  if cfg.name == "sgd":
-    sgd = optax.sgd(lr, momentum=cfg.get("momentum") or None, nesterov=bool(cfg.get("nesterov")))
+  lr = schedule(settings, steps)
+  wd = float(settings.get("weight_decay", 0.0))
+  if settings.name == "sgd":
+    sgd = optax.sgd(lr, momentum=settings.get("momentum") or None, nesterov=bool(settings.get("nesterov")))
     return optax.chain(optax.add_decayed_weights(wd), sgd) if wd else sgd
-  if cfg.name == "adam":
+  if settings.name == "adam":
     if wd:
       raise ValueError("adam has no weight decay here: use name='adamw'")
     return optax.adam(lr)
-  if cfg.name == "adamw":
+  if settings.name == "adamw":
     return optax.adamw(lr, weight_decay=wd)
-  raise ValueError(f"unknown optimizer {cfg.name!r}; use 'sgd', 'adam' or 'adamw'")
+  raise ValueError(f"unknown optimizer {settings.name!r}; use 'sgd', 'adam' or 'adamw'")

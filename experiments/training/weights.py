@@ -58,7 +58,7 @@ class CheckpointExistsError(CheckpointError, FileExistsError):
   """:func:`save_params` refuses to overwrite an existing path."""
 
 
-def _flatten(tree: PyTree) -> tuple[list[str], list[Any], Any]:
+def flatten(tree: PyTree) -> tuple[list[str], list[Any], Any]:
   """(paths, leaves, treedef) of ``tree``; raises ``ValueError`` if two leaves share a path."""
   leaves, treedef = jax.tree.flatten(tree)
   paths = tpgm_jax.leaf_paths(tree)
@@ -75,13 +75,15 @@ def param_paths(tree: PyTree) -> list[str]:
   ``{'params': {'head': {'kernel': w}}, 'x': [a, b]}`` gives
   ``['params/head/kernel', 'x/0', 'x/1']``.
   """
-  return _flatten(tree)[0]
+  return flatten(tree)[0]
 
 
-def _listing(items: Sequence[str]) -> str:
-  shown = ", ".join(items[:_MAX_LISTED])
+def listing(items: Sequence[str], separator: str = ", ") -> str:
+  """The first 20 of ``items`` joined by ``separator``, and how many more there are (for
+  error messages naming parameter paths)."""
+  shown = separator.join(items[:_MAX_LISTED])
   more = len(items) - _MAX_LISTED
-  return shown + (f", ... and {more} more" if more > 0 else "")
+  return shown + (f"{separator}... and {more} more" if more > 0 else "")
 
 
 def _absolute(path: str | os.PathLike[str]) -> epath.Path:
@@ -144,13 +146,13 @@ def _check_compatible(init: dict[str, Any], ckpt: dict[str, Any], loaded: list[s
   problems = []
   if mismatched:
     problems.append(f"shape mismatch for {len(mismatched)} parameter(s): "
-                    + _listing(mismatched))
+                    + listing(mismatched))
   if missing:
     problems.append(f"{len(missing)} parameter(s) of the model missing from the checkpoint: "
-                    + _listing(missing))
+                    + listing(missing))
   if unexpected:
     problems.append(f"{len(unexpected)} checkpoint parameter(s) not used by the model: "
-                    + _listing(unexpected))
+                    + listing(unexpected))
   if problems:
     raise ValueError(
         f"checkpoint {directory} does not fit the model (add patterns to dont_load to keep "
@@ -191,9 +193,9 @@ def load_pretrained(path: str | os.PathLike[str], init_params: PyTree,
   def skip(p: str) -> bool:
     return any(r.fullmatch(p) for r in patterns)
 
-  init_paths, init_leaves, init_def = _flatten(init_params)
+  init_paths, init_leaves, init_def = flatten(init_params)
   saved = _read_metadata(directory)
-  ckpt_paths, ckpt_meta, _ = _flatten(saved)
+  ckpt_paths, ckpt_meta, _ = flatten(saved)
   for r in patterns:
     if not any(r.fullmatch(p) for p in (*init_paths, *ckpt_paths)):
       warnings.warn(f"dont_load pattern {r.pattern!r} matches no parameter", stacklevel=2)

@@ -29,7 +29,7 @@ def small_state(step):
 def kill_mid_save(directory):
   ckpt = Checkpointer(directory, save_interval_steps=1)
   ckpt.save(1, small_state(1))
-  ckpt.wait_until_finished()
+  ckpt.manager.wait_until_finished()
   big = np.random.default_rng(0).standard_normal((8, 2**20), dtype=np.float32)  # 32 MiB
   state = small_state(2)
   state["w"] = jnp.asarray(big)

@@ -125,7 +125,7 @@ def main(coordinator, num_processes, process_id, out_dir):
       ckpt.save(step, state, force=stop, metadata={"losses": losses})
       if stop:
         break
-  ckpt.wait_until_finished()
+  ckpt.manager.wait_until_finished()
   restored = ckpt.restore(abstract)
   same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), restored, state)
   ckpt.close()

@@ -69,9 +69,9 @@ def test_round_trip_is_exact(tmp_path, target_kind):
   state = train_state(seed=1)
   with Checkpointer(tmp_path) as ckpt:
     assert ckpt.save(100, state, metadata={"config_hash": "abc", "lr": 0.1})
-    assert ckpt.latest_step() is None or ckpt.latest_step() == 100
-    ckpt.wait_until_finished()
-    assert ckpt.latest_step() == 100
+    assert ckpt.manager.latest_step() is None or ckpt.manager.latest_step() == 100
+    ckpt.manager.wait_until_finished()
+    assert ckpt.manager.latest_step() == 100
   target = train_state(seed=0) if target_kind == "concrete" else abstract(train_state(0))
   with Checkpointer(tmp_path) as ckpt:
     restored = ckpt.restore(target)
@@ -112,20 +112,20 @@ def test_restore_onto_other_shardings(tmp_path, save_on, restore_on):
 
 def test_schedule_and_max_to_keep(tmp_path):
   with Checkpointer(tmp_path, max_to_keep=2, save_interval_steps=10) as ckpt:
-    assert [s for s in range(31) if ckpt.should_save(s)] == [0, 10, 20, 30]
+    assert [s for s in range(31) if ckpt.manager.should_save(s)] == [0, 10, 20, 30]
     saved = [s for s in range(1, 31) if ckpt.save(s, train_state(s))]
     assert saved == [10, 20, 30]
     assert ckpt.save(35, train_state(35), force=True)
-    ckpt.wait_until_finished()
-    assert ckpt.all_steps() == [30, 35] and ckpt.latest_step() == 35
-    assert not ckpt.should_save(30)
+    ckpt.manager.wait_until_finished()
+    assert ckpt.all_steps() == [30, 35] and ckpt.manager.latest_step() == 35
+    assert not ckpt.manager.should_save(30)
   assert sorted(os.listdir(tmp_path)) == ["30", "35"]
 
 
 def test_saving_an_existing_step_keeps_it(tmp_path):
   save_steps(tmp_path, [4])
   with Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
-    assert not ckpt.should_save(4)
+    assert not ckpt.manager.should_save(4)
     assert not ckpt.save(4, train_state(99), force=True)
     assert not ckpt.save(4, train_state(99))
     assert_exact(ckpt.restore(train_state(0)), train_state(4))
@@ -133,7 +133,7 @@ def test_saving_an_existing_step_keeps_it(tmp_path):
 
 def test_no_checkpoint(tmp_path):
   with Checkpointer(tmp_path / "new") as ckpt:
-    assert ckpt.latest_step() is None
+    assert ckpt.manager.latest_step() is None
     with pytest.raises(CheckpointError, match="no checkpoint in .*new"):
       ckpt.restore(train_state(0))
     with pytest.raises(CheckpointError, match="step 3"):
@@ -149,7 +149,7 @@ def test_damaged_step_is_reported_and_kept(tmp_path, broken):
       ckpt.save(step, train_state(step), metadata={"step": step})
   os.remove(tmp_path / "3" / broken)
   with Checkpointer(tmp_path, max_to_keep=2, save_interval_steps=1) as ckpt:
-    assert ckpt.latest_step() == 3
+    assert ckpt.manager.latest_step() == 3
     message = (rf"step 3 at \S*{tmp_path.name}/3 \(damaged .*previous checkpoint is step 2: "
                rf"move \S*{tmp_path.name}/3 away")
     with pytest.raises(CheckpointError, match=message):
@@ -161,13 +161,13 @@ def test_damaged_step_is_reported_and_kept(tmp_path, broken):
         ckpt.restore_metadata()
     assert_exact(ckpt.restore(train_state(0), step=2), train_state(2))
     assert ckpt.restore_metadata(2) == {"step": 2}
-    assert not ckpt.should_save(3)
+    assert not ckpt.manager.should_save(3)
     assert not ckpt.save(3, train_state(3), force=True)   # kept as it is
   assert sorted(os.listdir(tmp_path)) == ["2", "3"]
   # Moved away, the previous step is the latest again.
   os.rename(tmp_path / "3", tmp_path.parent / f"{tmp_path.name}-bad-3")
   with Checkpointer(tmp_path) as ckpt:
-    assert ckpt.latest_step() == 2
+    assert ckpt.manager.latest_step() == 2
     assert_exact(ckpt.restore(train_state(0)), train_state(2))
 
 
@@ -179,11 +179,11 @@ def test_a_stray_step_name_is_never_overwritten(tmp_path, kind):
   (tmp_path / "2").mkdir() if kind == "directory" else (tmp_path / "2").write_text("notes")
   with Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
     if kind == "directory":
-      assert ckpt.latest_step() == 2 and not ckpt.save(2, train_state(2), force=True)
+      assert ckpt.manager.latest_step() == 2 and not ckpt.save(2, train_state(2), force=True)
       with pytest.raises(CheckpointError, match="step 2 .*damaged.*previous checkpoint is step 1"):
         ckpt.restore(train_state(0))
     else:
-      assert ckpt.latest_step() == 1
+      assert ckpt.manager.latest_step() == 1
       with pytest.raises(CheckpointError, match="cannot save step 2: .* left untouched"):
         ckpt.save(2, train_state(2), force=True)
   assert sorted(os.listdir(tmp_path)) == ["1", "2"]
@@ -195,10 +195,10 @@ def test_unfinished_save_directory_is_ignored(tmp_path):
   save_steps(tmp_path, [1, 2])
   shutil.copytree(tmp_path / "2", tmp_path / "3.orbax-checkpoint-tmp-1234567")
   with Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
-    assert ckpt.latest_step() == 2
+    assert ckpt.manager.latest_step() == 2
     assert ckpt.save(3, train_state(3))
   with Checkpointer(tmp_path) as ckpt:
-    assert ckpt.latest_step() == 3
+    assert ckpt.manager.latest_step() == 3
     assert_exact(ckpt.restore(train_state(0)), train_state(3))
   assert not glob.glob(str(tmp_path / "*tmp*"))
 
@@ -208,13 +208,13 @@ def test_read_only_leaves_unfinished_saves_alone(tmp_path):
   unfinished = tmp_path / "2.orbax-checkpoint-tmp-1234567"   # say, another job's save
   shutil.copytree(tmp_path / "1", unfinished)
   with Checkpointer(tmp_path, read_only=True) as ckpt:
-    assert ckpt.latest_step() == 1
+    assert ckpt.manager.latest_step() == 1
     assert_exact(ckpt.restore(train_state(0)), train_state(1))
     with pytest.raises(CheckpointError, match="read-only"):
       ckpt.save(2, train_state(2), force=True)
   assert unfinished.exists()
   with Checkpointer(tmp_path / "missing", read_only=True) as ckpt:
-    assert ckpt.latest_step() is None
+    assert ckpt.manager.latest_step() is None
   assert not (tmp_path / "missing").exists()
 
 
@@ -234,7 +234,7 @@ def test_unreadable_latest_step_is_an_error_naming_it(tmp_path, truncated):
   with open(data, "r+b") as f:
     f.truncate(os.path.getsize(data) // 2)
   with Checkpointer(tmp_path) as ckpt:
-    assert ckpt.latest_step() == 2   # finalised: only reading the data tells
+    assert ckpt.manager.latest_step() == 2   # finalised: only reading the data tells
     with pytest.raises(CheckpointError, match=rf"{tmp_path.name}/2.*previous "
                        rf"checkpoint is step 1: move \S*{tmp_path.name}/2 away"):
       ckpt.restore(state(0))
@@ -277,7 +277,7 @@ def test_killed_save_leaves_previous_checkpoint(tmp_path):
   assert glob.glob(str(tmp_path / "2.orbax-checkpoint-tmp*")), os.listdir(tmp_path)
   assert not (tmp_path / "2").exists()
   with Checkpointer(tmp_path) as ckpt:
-    assert ckpt.latest_step() == 1
+    assert ckpt.manager.latest_step() == 1
     restored = ckpt.restore({"w": np.zeros((4, 4), np.float32), "step": np.int32(0)})
   assert restored["step"] == 1 and np.all(restored["w"] == 1.0)
 
@@ -295,7 +295,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   assert proc.returncode == 0, out
   stopped = int(out.strip().splitlines()[-1].removeprefix("stopped "))
   with Checkpointer(tmp_path) as ckpt:
-    assert ckpt.latest_step() == stopped
+    assert ckpt.manager.latest_step() == stopped
     restored = ckpt.restore({"w": np.zeros((4, 4), np.float32), "step": np.int32(0)})
   assert restored["step"] == stopped and np.all(restored["w"] == stopped)
 

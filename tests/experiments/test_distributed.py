@@ -236,7 +236,7 @@ def test_two_processes_match_one_device(tmp_path, reference):
   # The 8-device, 2-process checkpoint restores in this single process onto 1 device.
   abstract, _, _ = toy.compile_run(mesh1)
   with Checkpointer(tmp_path / "ckpt") as ckpt:
-    assert ckpt.latest_step() == stopped
+    assert ckpt.manager.latest_step() == stopped
     assert ckpt.restore_metadata()["losses"] == results[0]["losses"]
     restored = ckpt.restore(abstract)
   assert int(restored["step"]) == stopped

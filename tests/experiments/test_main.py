@@ -116,7 +116,7 @@ def test_plan_resolves_methods_dependencies_and_directories(tmp_path):
   config.tpgm.lr = 0.1
   assert plan.make_plan(config, tmp_path)["tpgm"].hash != tpgm.hash
   assert plan.make_plan(config, tmp_path)["ft"].hash == resolved["ft"].hash
-  config.train.optimizer.lr = 0.1  # every trained run and what depends on them
+  config.train.steps = 300  # every trained run and what depends on them
   changed = plan.make_plan(config, tmp_path)
   assert all(changed[n].hash != resolved[n].hash for n in resolved.names)
 
@@ -194,10 +194,10 @@ def test_paper_configs_build_and_trace(module, tmp_path):
     method = methods.get(name, config)
     if not method.trained:
       continue
-    cfg = plan.train_config(config, name)
-    batch = cfg.batch_size = 8
+    train_cfg = plan.train_config(config, name)
+    batch = train_cfg.batch_size = 8
     built = loop.build_step(loop.TrainSetup(
-        name=name, train=cfg, model=model, task=task, mesh=mesh, init=init, data=None,
+        name=name, train=train_cfg, model=model, task=task, mesh=mesh, init=init, data=None,
         method=method, section=config.get(name)))
     images = jax.ShapeDtypeStruct((batch, size, size, 3), np.uint8)  # normalised on device
     labels = jax.ShapeDtypeStruct((batch,), np.int32)

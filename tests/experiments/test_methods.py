@@ -59,12 +59,12 @@ def test_freeze_gives_zero_updates_and_no_state_to_frozen_groups():
 @pytest.mark.parametrize("name, wd", [("sgd", 0.0), ("sgd", 5e-4), ("adam", 0.0), ("adamw", 0.1)])
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])
 def test_optimizer_from_config(name, wd, schedule):
-  cfg = ConfigDict(dict(name=name, lr=0.1, momentum=0.9, nesterov=True, weight_decay=wd,
+  settings = ConfigDict(dict(name=name, lr=0.1, momentum=0.9, nesterov=True, weight_decay=wd,
                         schedule=schedule, warmup_steps=2))
-  tx = optimizers.optimizer(cfg, 10)
+  tx = optimizers.optimizer(settings, 10)
   updates, _ = tx.update(jax.tree.map(jnp.ones_like, PARAMS), tx.init(PARAMS), PARAMS)
   assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))  # warmup starts at 0
-  lr = optimizers.schedule(cfg, 10)
+  lr = optimizers.schedule(settings, 10)
   np.testing.assert_allclose(float(lr(2)), 0.1, rtol=1e-6)
 
 
@@ -106,11 +106,11 @@ def test_train_config_merges_method_overrides():
 @pytest.mark.parametrize("name", [n for n, m in methods.METHODS.items() if m.trained])
 def test_every_trained_method_steps_and_keeps_the_head_free(name):
   config = default.get_config()
-  cfg = plan.train_config(config, name)
+  settings = plan.train_config(config, name)
   mask = optimizers.group_mask(PARAMS, RULES, ["backbone"])
   loss = lambda p, b: jnp.sum(jnp.square(p["head"]["kernel"] - b["x"]))
-  ctx = methods.Context(config.get(name), optimizers.optimizer(cfg.optimizer, 10), mask, loss)
-  tx = optimizers.freeze(methods.get(name).transform(ctx), PARAMS, RULES, cfg.frozen)
+  ctx = methods.Context(config.get(name), optimizers.optimizer(settings.optimizer, 10), mask, loss)
+  tx = optimizers.freeze(methods.get(name).transform(ctx), PARAMS, RULES, settings.frozen)
   state = tx.init(PARAMS)
   extra = {"heldout": {"x": jnp.zeros((config.tpgm.max_iters, 1))}} if name == "tpgm" else {}
   grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), PARAMS)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
@@ -43,16 +44,53 @@ def path_str(path: tuple[Any, ...]) -> str:
   return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
+def _is_nnx_variable(x: Any) -> bool:
+  """True for a Flax NNX ``Variable`` (``nnx.Param`` etc.), without importing Flax.
+
+  If ``flax.nnx`` has not been imported, no Variable can exist.
+  """
+  nnx = sys.modules.get("flax.nnx")
+  variable = getattr(nnx, "Variable", None) if nnx is not None else None
+  return variable is not None and isinstance(x, variable)
+
+
+def _key_paths(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> list[tuple]:
+  """The key path of every leaf, with the ``value`` key of an NNX Variable dropped.
+
+  ``nnx.Optimizer`` calls ``tx.init`` on a state of Variables (a leaf's path
+  ends in ``GetAttrKey('value')``) and ``tx.update`` on plain arrays (the
+  same path without it); dropping that key gives both the same path.
+  """
+  def stop(x):
+    return _is_nnx_variable(x) or (is_leaf is not None and is_leaf(x))
+
+  out = []
+  for path, node in jax.tree_util.tree_flatten_with_path(tree, is_leaf=stop)[0]:
+    if not _is_nnx_variable(node) or (is_leaf is not None and is_leaf(node)):
+      out.append(path)
+      continue
+    for sub, _ in jax.tree_util.tree_flatten_with_path(node, is_leaf=is_leaf)[0]:
+      if sub and isinstance(sub[0], jax.tree_util.GetAttrKey) and sub[0].name == "value":
+        sub = sub[1:]
+      out.append(tuple(path) + tuple(sub))
+  return out
+
+
 def leaf_paths(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> list[str]:
   """The '/'-joined paths of every leaf of ``tree``, in flattening order.
+
+  A Flax NNX ``Variable`` (``nnx.Param``, ...) contributes its own path: the
+  trailing ``value`` key of the Variable is dropped, so a state of Variables
+  (what ``nnx.Optimizer`` passes to ``tx.init``) and the same state of plain
+  arrays (what it passes to ``tx.update``) have the same paths, e.g.
+  ``'head/kernel'`` for both. The library does not import Flax.
 
   Example:
     >>> import tpgm_jax
     >>> tpgm_jax.leaf_paths({"params": {"head": {"bias": 0, "kernel": 0}}, "x": [1, 2]})
     ['params/head/bias', 'params/head/kernel', 'x/0', 'x/1']
   """
-  leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
-  return [path_str(p) for p, _ in leaves]
+  return [path_str(p) for p in _key_paths(tree, is_leaf)]
 
 
 def _listing(items: Sequence[str], limit: int = 5) -> str:

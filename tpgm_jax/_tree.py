@@ -137,6 +137,18 @@ def align(params: PyTree, other: PyTree, name: str) -> list[Any]:
   return subtrees
 
 
+def check_like(params: PyTree, tree: PyTree, name: str) -> list[Any]:
+  """:func:`align`, then checks that every array of ``tree`` has the shape of the
+  parameter at its path (``ValueError`` naming the path). Static: costs nothing
+  under ``jax.jit``."""
+  leaves = align(params, tree, name)
+  for path, p, x in zip(leaf_paths(params), jax.tree.leaves(params), leaves):
+    if not is_masked(x) and jnp.shape(x) != jnp.shape(p):
+      raise ValueError(f"{name} at '{path}' has shape {jnp.shape(x)} but params have "
+                       f"{jnp.shape(p)}")
+  return leaves
+
+
 def is_float(x: Any) -> bool:
   return jnp.issubdtype(jnp.result_type(x), jnp.floating)
 
@@ -351,6 +363,30 @@ def check_radii(params: PyTree, radii: PyTree, anchor: PyTree) -> None:
           + ("nothing" if is_masked(r) else f"shape {jnp.shape(r)} and dtype {jnp.result_type(r)}"))
 
 
+def check_radius_values(radii: PyTree, name: str = "radii", negative: bool = True) -> None:
+  """Checks the values of concrete radii: finite, and ``>= 0`` with ``negative``.
+
+  Traced values (inside ``jax.jit``) cannot be checked and are skipped (no
+  host sync); concrete values are read back in one transfer. Use
+  :func:`check_finite` for an explicit check of any tree.
+  """
+  items = [(p, x) for p, x in zip(leaf_paths(radii, is_masked),
+                                  jax.tree.leaves(radii, is_leaf=is_masked))
+           if not is_masked(x) and not isinstance(x, jax.core.Tracer)
+           and (isinstance(x, numbers.Real) or hasattr(x, "dtype"))]
+  if not items:
+    return
+  values = jax.device_get([x for _, x in items])
+  bad = [(p, v) for (p, _), v in zip(items, values) if np.size(v) and (
+      not np.all(np.isfinite(np.asarray(v, np.float64)))
+      or (negative and np.any(np.asarray(v, np.float64) < 0)))]
+  if bad:
+    shown = ", ".join(f"'{p}': {np.asarray(v).tolist()!r}" for p, v in bad[:5])
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    want = "finite numbers >= 0" if negative else "finite numbers"
+    raise ValueError(f"{name} must hold {want}; got {shown}{more}")
+
+
 def require_params(params: PyTree, name: str, call: str) -> None:
   """The error of a transformation whose ``init`` or ``update`` got no params."""
   if params is None:
@@ -393,6 +429,37 @@ def check_number(name: str, value: Any, *, minimum: float | None = 0.0,
   if (not math.isfinite(x) or (minimum is not None and (x <= minimum if strict else x < minimum))
       or (maximum is not None and x > maximum)):
     raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+
+
+ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], Any]]
+
+
+def is_schedule(value: Any) -> bool:
+  """True for a schedule ``count -> value`` (any callable), as ``optax.ScalarOrSchedule``."""
+  return callable(value)
+
+
+def schedule_value(name: str, value: ScalarOrSchedule, count: jax.Array) -> Any:
+  """A hyper-parameter at step ``count``: ``value(count)`` for a schedule, ``value`` itself
+  (unchanged, so numbers keep their exact arithmetic) otherwise.
+
+  ``count`` is an int32 scalar kept in a transformation's state (the number of
+  updates before this one), so under ``jax.jit`` the schedule is traced once and
+  evaluated on device: no recompilation per step. Raises ``ValueError`` naming
+  ``name`` if the schedule does not return a scalar (a static check).
+  """
+  if not is_schedule(value):
+    return value
+  out = value(count)
+  if jnp.ndim(out) != 0 or not jnp.issubdtype(jnp.result_type(out), jnp.number):
+    raise ValueError(f"the schedule given as {name} must return a real scalar for a step "
+                     f"count, got {type(out).__name__} of shape {jnp.shape(out)}")
+  return jnp.asarray(out)
+
+
+def in_dtype(value: Any, dtype: Any, scheduled: bool) -> Any:
+  """A scheduled value cast to the compute dtype; a number passes through untouched."""
+  return jnp.asarray(value).astype(dtype) if scheduled else value
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:

@@ -13,10 +13,16 @@ import optax
 import pytest
 
 import tpgm_jax
-from tests import oracle
-from tests import oracle_family
-from tests.test_family import NOT_HEAD, _anchors, _assert_close, _f64, _grads, not_head_path
-from tests.test_family import _oscillating_grads
+from tests import oracle, oracle_family
+from tests.test_family import (
+  NOT_HEAD,
+  _anchors,
+  _assert_close,
+  _f64,
+  _grads,
+  _oscillating_grads,
+  not_head_path,
+)
 from tests.test_projection import make_tree
 
 STEPS = 6
@@ -71,7 +77,9 @@ def test_spd_weight_decay_schedule(inner):
 def test_l2sp_alpha_and_beta_schedules():
   params, pre = make_tree("nested")
   alpha, ref_alpha = _linear(0.0, 0.5, 3)
-  beta = lambda count: 0.01 * (count + 1)  # any jnp-traceable callable of the count
+  def beta(count):  # any jnp-traceable callable of the count
+    return 0.01 * (count + 1)
+
   tx = optax.chain(tpgm_jax.l2sp(alpha, beta=beta, mask=NOT_HEAD), optax.sgd(0.1, momentum=0.9))
   got, state = _run_counted(tx, params, STEPS, anchor=pre)
   assert int(state[0].count) == STEPS

@@ -157,17 +157,59 @@ def is_float(x: Any) -> bool:
 # Masks.
 
 
-def _rule(rule: PathRule, arg: str) -> Callable[[str], bool]:
-  """A path predicate from a regex, a sequence of regexes or a predicate."""
+class MaskError(ValueError):
+  """A bad mask or path rule (raised as is through a callable mask)."""
+
+
+def _rule(rule: PathRule, arg: str) -> tuple[Callable[[str], bool], list[str] | None]:
+  """A path predicate from a regex, a sequence of regexes or a predicate, and the
+  regexes (``None`` for a predicate)."""
   if callable(rule):
-    return rule
-  patterns = [rule] if isinstance(rule, str) else list(rule)
+    return rule, None
+  kind = ("a regex, a sequence of regexes or a predicate on the '/'-joined parameter path "
+          "(e.g. r\"params/head/.*\")")
+  if isinstance(rule, str):
+    patterns = [rule]
+  elif isinstance(rule, Sequence) and not isinstance(rule, (bytes, bytearray)):
+    patterns = list(rule)
+    bad = [p for p in patterns if not isinstance(p, str)]
+    if bad or not patterns:
+      detail = (f"element {bad[0]!r} ({type(bad[0]).__name__}) is not a string" if bad
+                else "the sequence is empty")
+      raise MaskError(f"{arg} must be {kind}; got {rule!r}: {detail}")
+  else:
+    raise MaskError(f"{arg} must be {kind}; got {rule!r} ({type(rule).__name__})")
   try:
     compiled = [re.compile(p) for p in patterns]
-  except (TypeError, re.error) as e:
-    raise ValueError(f"{arg} must be a regex, a sequence of regexes or a predicate on the "
-                     f"'/'-joined parameter path; got {rule!r} ({e})") from e
-  return lambda path: any(c.fullmatch(path) for c in compiled)
+  except re.error as e:
+    raise MaskError(f"{arg} must be {kind}; got {rule!r} ({e})") from e
+  return (lambda path: any(c.fullmatch(path) for c in compiled)), patterns
+
+
+def _suggestion(patterns: Sequence[str], paths: Sequence[str]) -> str:
+  """A hint for patterns that match part of a path but never a whole path."""
+  for pattern in patterns:
+    for path in paths:
+      m = re.search(pattern, path)
+      if m is None:
+        continue
+      end = path.find("/", m.end())
+      prefix = path[:end] if end >= 0 else path
+      forms = [f"r\".*{pattern}.*\""] + ([f"\"{re.escape(prefix)}/.*\""] if end >= 0 else [])
+      return (f" '{pattern}' matches part of '{path}' but patterns are matched against the "
+              f"WHOLE path (re.fullmatch); did you mean {' or '.join(forms)}?")
+  return ""
+
+
+def _check_matches(arg: str, rule: Callable[[str], bool], patterns: list[str] | None,
+                   paths: Sequence[str]) -> None:
+  """A regex rule that matches no parameter path is an error (a typo or a partial name)."""
+  if patterns is None or not paths or any(rule(p) for p in paths):
+    return
+  raise MaskError(
+      f"path_mask({arg}={patterns[0] if len(patterns) == 1 else patterns!r}) matches no "
+      f"parameter path; the paths are {_listing(list(paths))}."
+      + _suggestion(patterns, paths))
 
 
 def path_mask(include: PathRule = None, *, exclude: PathRule = None
@@ -176,7 +218,9 @@ def path_mask(include: PathRule = None, *, exclude: PathRule = None
 
   Paths are spelled as ``jax.tree_util.keystr(path, simple=True,
   separator="/")`` spells them (``'params/head/kernel'``, ``'layers/0/bias'``;
-  see :func:`leaf_paths`). A tensor is selected when it is floating-point, its
+  see :func:`leaf_paths`; a Flax NNX Variable's trailing ``value`` key is
+  dropped, so under ``nnx.Optimizer`` the same mask means the same tensors at
+  ``init`` and ``update``). A tensor is selected when it is floating-point, its
   path matches ``include`` (every path if ``None``) and does not match
   ``exclude``. A rule is a regex (matched against the WHOLE path with
   ``re.fullmatch``), a sequence of regexes (any of them), or a predicate
@@ -190,6 +234,14 @@ def path_mask(include: PathRule = None, *, exclude: PathRule = None
     A callable ``params -> bool pytree``, usable as the ``mask`` of every
     function of this library and of ``optax.masked``.
 
+  Raises:
+    ValueError: at once, if a rule is not a regex, a sequence of regex
+      strings or a callable (or a regex does not compile); when the mask is
+      applied to the params (a transformation's ``init``), if a regex rule
+      matches no parameter path at all: the message lists the first paths and,
+      for a partial name such as ``exclude="head"``, suggests ``r".*head.*"``
+      or ``"params/head/.*"``. Predicates are not checked.
+
   Example:
     >>> import jax.numpy as jnp, tpgm_jax
     >>> params = {"params": {"backbone": {"kernel": jnp.ones(2)},
@@ -198,11 +250,16 @@ def path_mask(include: PathRule = None, *, exclude: PathRule = None
     >>> not_head(params)
     {'params': {'backbone': {'kernel': True}, 'head': {'kernel': False}}}
   """
-  keep = None if include is None else _rule(include, "include")
-  drop = None if exclude is None else _rule(exclude, "exclude")
+  keep, keep_patterns = (None, None) if include is None else _rule(include, "include")
+  drop, drop_patterns = (None, None) if exclude is None else _rule(exclude, "exclude")
 
   def mask(params):
-    paths = iter(leaf_paths(params))
+    all_paths = leaf_paths(params)
+    if keep is not None:
+      _check_matches("include", keep, keep_patterns, all_paths)
+    if drop is not None:
+      _check_matches("exclude", drop, drop_patterns, all_paths)
+    paths = iter(all_paths)
 
     def flag(leaf):
       path = next(paths)
@@ -244,8 +301,11 @@ def resolve_mask(mask: Mask, params: PyTree) -> list[bool]:
   if callable(mask):
     try:
       mask = mask(params)
-    except (AttributeError, TypeError) as e:
-      raise _mask_error(f"Calling the mask on params raised {type(e).__name__}: {e} "
+    except MaskError:
+      raise
+    except Exception as e:  # noqa: BLE001 (any failure of user code, shown with its cause)
+      raise _mask_error(f"The mask callable failed on the params (paths "
+                        f"{_listing(paths)}): it raised {type(e).__name__}: {e} "
                         "(a callable mask receives the params pytree, not a path string)."
                         ) from e
   treedef = jax.tree.structure(params)

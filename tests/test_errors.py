@@ -109,7 +109,8 @@ def test_non_finite_radii_at_update_eager_but_not_traced():
     ("heldout", r"batches is 'heldout'; pass a list"),
     (_batch(), r"batches is a tuple of 2 arrays \(shapes \(4, 3\), \(4, 2\)\), which looks like "
                r"a single \(x, y\) batch.*Pass \[\(x, y\)\]"),
-    ({"x": jnp.ones((4, 3))}, r"batches must be an iterable of held-out batches, not a single batch \(dict\)"),
+    ({"x": jnp.ones((4, 3))},
+     r"batches must be an iterable of held-out batches, not a single batch \(dict\)"),
     (jnp.ones((2, 4, 3)), r"not a single batch \(ArrayImpl\)"),
     (3, r"batches must be an iterable of held-out batches, got int"),
     ([_batch(4), _batch(3)], r"batches is ragged: batch 1 at '0' has shape \(3, 3\).*batch 0 has "
@@ -136,7 +137,8 @@ def test_learn_radii_post_hoc_ragged_generator():
            r"of length max_iters=2"),
     ("abc", r"batches is 'abc'"),
     ({"x": jnp.ones((2, 4, 3)), "name": "val"}, r"batches at 'name' is a str \('val'\)"),
-    ([_batch(), _batch()], r"batches at '0/0' has shape \(4, 3\); expected a leading axis.*jnp.stack"),
+    ([_batch(), _batch()],
+     r"batches at '0/0' has shape \(4, 3\); expected a leading axis.*jnp.stack"),
 ])
 def test_radii_trainer_bad_batches(batches, match):
   params = _params()

@@ -106,7 +106,8 @@ def digrap(*, strength_lr: _tree.ScalarOrSchedule, mask: _tree.Mask = None,
     An ``optax.GradientTransformation`` with state :class:`DiGraPState`;
     ``update(grads, state, params)`` returns the modified gradients and
     raises ``ValueError`` if ``params`` is missing or does not match the
-    anchor.
+    anchor, or the gradients' structure or shapes differ from the params
+    (naming the path).
 
   Example:
     >>> import jax.numpy as jnp, tpgm_jax

@@ -116,7 +116,8 @@ def ftp(inner: optax.GradientTransformation, *, k: _tree.ScalarOrSchedule = 1.0,
     pre-trained parameters). ``update(grads, state, params)`` returns updates
     such that ``optax.apply_updates(params, updates)`` is the FTP step; it
     raises ``ValueError`` if ``params`` is missing or does not match the
-    anchor.
+    anchor, or the gradients' (or the inner updates') structure or shapes
+    differ from the params (naming the path).
 
   Example:
     >>> import jax.numpy as jnp, optax, tpgm_jax

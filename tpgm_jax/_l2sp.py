@@ -59,7 +59,8 @@ def l2sp(alpha: _tree.ScalarOrSchedule, beta: _tree.ScalarOrSchedule = 0.0,
   Returns:
     An ``optax.GradientTransformation`` with state :class:`L2SPState`; its
     ``update`` raises ``ValueError`` if ``params`` is missing or does not
-    match the anchor.
+    match the anchor, or the updates' structure or shapes differ from the
+    params (naming the path).
 
   Example:
     >>> import jax.numpy as jnp, optax, tpgm_jax

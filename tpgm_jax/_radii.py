@@ -64,7 +64,11 @@ def radii_trainer(loss_fn: LossFn, *, norm: _projection.Norm = "mars",
       is kept in these units; the radii passed in and returned are distances.
 
   Returns:
-    A :class:`RadiiTrainer`.
+    A :class:`RadiiTrainer`. Its ``update`` raises ``ValueError`` (when traced,
+    before any work) if ``batches`` is ``None``, a string, holds a leaf that is
+    not an array, or a leaf whose leading axis is not ``max_iters`` (a list of
+    batches must be stacked first), if ``loss_fn`` does not return a
+    floating-point scalar, or if the radii do not fit the params.
 
   Example:
     >>> import jax, jax.numpy as jnp, tpgm_jax

@@ -71,7 +71,9 @@ def spd(inner: optax.GradientTransformation, *, weight_decay: _tree.ScalarOrSche
     An ``optax.GradientTransformationExtraArgs`` whose state is an
     :class:`SPDState`; ``update(grads, state, params)`` returns updates such
     that ``optax.apply_updates(params, updates)`` is the SPD step and raises
-    ``ValueError`` if ``params`` is missing or does not match the anchor.
+    ``ValueError`` if ``params`` is missing or does not match the anchor, or
+    the gradients' (or the inner updates') structure or shapes differ from
+    the params (naming the path).
 
   Example:
     >>> import jax.numpy as jnp, optax, tpgm_jax

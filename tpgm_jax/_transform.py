@@ -71,10 +71,16 @@ def tpgm(norm: _projection.Norm = "mars", mask: _tree.Mask = None,
       (one per tensor).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``; ``update`` takes
-    ``(updates, state, params, *, radii=None)`` and raises ``ValueError`` if
-    ``params`` is missing, no radii are given, or they do not match the
-    anchor.
+    An ``optax.GradientTransformationExtraArgs`` with state
+    :class:`TPGMState`; ``update`` takes ``(updates, state, params, *,
+    radii=None)`` and raises ``ValueError`` if ``params`` is missing, the
+    updates' structure or shapes differ from the params, no radii are given,
+    or they do not match the anchor. Radius values are checked where they are
+    concrete: ``tpgm(radii=...)`` must be finite and >= 0; concrete
+    ``update(radii=...)`` (outside ``jax.jit``, read back in one transfer) must
+    be finite, and a negative one means the 1e-8 floor (a radius optimizer's
+    raw step may go below it). Traced radii cannot be checked; use
+    :func:`check_finite` outside jit.
 
   Example:
     >>> import jax.numpy as jnp, optax, tpgm_jax
@@ -201,7 +207,10 @@ def trainable_projection(heldout_loss: Callable[[PyTree, Any], jax.Array], *,
     An ``optax.GradientTransformationExtraArgs`` with state
     :class:`TrainableProjectionState`; ``update(updates, state, params, *,
     heldout=None)`` takes ``heldout`` as a batch pytree whose leaves have a
-    leading axis of length ``max_iters`` (``batch[None]`` for one).
+    leading axis of length ``max_iters`` (``batch[None]`` for one). It raises
+    ``ValueError`` (when traced) if the updates' structure or shapes differ
+    from the params, ``heldout`` is not such a pytree of arrays, or
+    ``heldout_loss`` does not return a floating-point scalar.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, tpgm_jax

@@ -236,7 +236,10 @@ def test_path_mask_matches_whole_paths_and_skips_integers():
       "params": {"head": {"kernel": False}, "multihead": {"kernel": True}},
       "step": False, "layers": [True, True]}
   assert tpgm_jax.path_mask(include=r"layers/\d")(params)["layers"] == [True, True]
-  assert tpgm_jax.path_mask(include="layers")(params)["layers"] == [False, False]  # fullmatch
+  assert tpgm_jax.path_mask(include=["layers", "step"])(params)["layers"] == [False, False]  # fullmatch
+  with pytest.raises(ValueError, match=r"include='layers'\) matches no parameter path.*"
+                     r"did you mean r\"\.\*layers\.\*\" or \"layers/\.\*\""):
+    tpgm_jax.path_mask(include="layers")(params)  # a partial name matching nothing: an error
   with pytest.raises(ValueError, match="exclude must be a regex"):
     tpgm_jax.path_mask(exclude="params/(")
 

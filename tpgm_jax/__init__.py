@@ -20,7 +20,12 @@ Conventions shared by every function:
 * Masks are what ``optax.masked`` takes: ``None`` (every floating-point
   tensor), a pytree of bools (or a prefix), or a callable ``params -> bool
   pytree``; :func:`path_mask` builds one from parameter paths, spelled as
-  ``jax.tree_util.keystr(path, simple=True, separator="/")`` spells them.
+  ``jax.tree_util.keystr(path, simple=True, separator="/")`` spells them (a
+  Flax NNX Variable's trailing ``value`` key dropped, so under
+  ``nnx.Optimizer`` a mask means the same tensors at ``init`` and ``update``).
+* Strengths, learning rates and a MARS-PGM radius are a number or an optax
+  schedule of the step count (``optax.ScalarOrSchedule``), evaluated inside
+  ``jax.jit`` at an int32 ``count`` kept in the transformation's state.
 * Bad input raises ``ValueError`` naming the argument or the parameter path.
 """
 

@@ -47,9 +47,9 @@ class DiGraPState(NamedTuple):
   prev_projection: PyTree
 
 
-def digrap(*, strength_lr: float, mask: _tree.Mask = None,
+def digrap(*, strength_lr: _tree.ScalarOrSchedule, mask: _tree.Mask = None,
            anchor: Literal["init", "zeros"] = "init",
-           max_strength: float = 1.0) -> optax.GradientTransformation:
+           max_strength: _tree.ScalarOrSchedule = 1.0) -> optax.GradientTransformation:
   """Projects conflicting gradient components off the displacement from the anchor.
 
   A link placed BEFORE the optimizer, like ``optax.add_decayed_weights``:
@@ -84,8 +84,10 @@ def digrap(*, strength_lr: float, mask: _tree.Mask = None,
   ``g_t . p_{t-1}``), where the prototype normalises row by row.
 
   Args:
-    strength_lr: learning rate ``mu`` of omega's Adam, a finite number > 0.
-      The paper's hyper-parameter table was not available to us; the
+    strength_lr: learning rate ``mu`` of omega's Adam: a number or an optax
+      schedule of the step count (a finite number > 0, or ``schedule(count)
+      -> scalar`` evaluated at ``count = t - 1``, the number of steps before
+      this one, the ``count`` field of :class:`DiGraPState`). The paper's hyper-parameter table was not available to us; the
       experiments use 0.05 (an earlier value of the prototype, which now
       uses 0.5).
     mask: which tensors are projected, as ``optax.masked`` takes it: ``None``
@@ -96,14 +98,16 @@ def digrap(*, strength_lr: float, mask: _tree.Mask = None,
     anchor: ``"init"`` uses the parameters passed to ``init`` (the pre-trained
       model) as ``w0``; ``"zeros"`` uses ``w0 = 0`` and stores nothing (the
       PEFT / LoRA case, where the trainable adapters start from zero).
-    max_strength: the upper clip ``kappa`` of omega (1 in the paper), a
-      finite number > 0.
+    max_strength: the upper clip ``kappa`` of omega (1 in the paper): a
+      number or an optax schedule of the step count, as ``strength_lr``
+      (a finite number > 0).
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`DiGraPState`;
     ``update(grads, state, params)`` returns the modified gradients and
     raises ``ValueError`` if ``params`` is missing or does not match the
-    anchor.
+    anchor, or the gradients' structure or shapes differ from the params
+    (naming the path).
 
   Example:
     >>> import jax.numpy as jnp, tpgm_jax
@@ -152,11 +156,14 @@ def digrap(*, strength_lr: float, mask: _tree.Mask = None,
       _tree.check_anchor(params, w0)
     else:
       _tree.align(params, w0, "anchor")
-    _tree.align(params, grads, "grads")
+    _tree.check_like(params, grads, "grads")
+    lr = _tree.schedule_value("strength_lr", strength_lr, state.count)
+    kappa = _tree.schedule_value("max_strength", max_strength, state.count)
+    scheduled = (_tree.is_schedule(strength_lr), _tree.is_schedule(max_strength))
     count = optax.safe_int32_increment(state.count)
     rows = _tree.map_constrained(
-        lambda w0, *xs: _digrap_tensor(w0, *xs, count=count, lr=strength_lr,
-                                       max_strength=max_strength),
+        lambda w0, *xs: _digrap_tensor(w0, *xs, count=count, lr=lr, max_strength=kappa,
+                                       scheduled=scheduled),
         w0, params, grads, state.omega, state.omega_mu, state.omega_nu,
         state.prev_projection, otherwise=lambda w, g, *rest: (g, *rest))
     grads, *fields = _tree.unzip(w0, rows, 5)
@@ -165,9 +172,12 @@ def digrap(*, strength_lr: float, mask: _tree.Mask = None,
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _digrap_tensor(w0, w, g, omega, mu, nu, prev_p, *, count, lr, max_strength):
+def _digrap_tensor(w0, w, g, omega, mu, nu, prev_p, *, count, lr, max_strength,
+                   scheduled=(False, False)):
   """One constrained tensor's DiGraP step: ``(gradient, omega, mu, nu, p)``."""
   ct = omega.dtype
+  lr = _tree.in_dtype(lr, ct, scheduled[0])
+  max_strength = _tree.in_dtype(max_strength, ct, scheduled[1])
   gc = g.astype(ct)
   r = w.astype(ct) - jnp.asarray(w0).astype(ct)
   dot = jnp.sum(gc * r)

@@ -53,7 +53,7 @@ def _norms_shape(shape: tuple[int, ...], norm: str) -> tuple[int, ...]:
   return (shape[-1],) if norm == "mars" and len(shape) >= 2 else ()
 
 
-def ftp(inner: optax.GradientTransformation, *, k: float = 1.0,
+def ftp(inner: optax.GradientTransformation, *, k: _tree.ScalarOrSchedule = 1.0,
         mask: _tree.Mask = None,
         norm: _projection.Norm = "mars") -> optax.GradientTransformationExtraArgs:
   """Wraps an optimizer with FTP's trainable projection toward the anchor.
@@ -98,8 +98,10 @@ def ftp(inner: optax.GradientTransformation, *, k: float = 1.0,
     inner: any optax optimizer (``GradientTransformation``; extra keyword
       arguments of ``update`` are passed on to it).
     k: multiplies positive gamma gradients (the paper's gradient annealing
-      factor; ``k < 1`` makes the constraint tighten more slowly); a finite
-      number >= 0.
+      factor; ``k < 1`` makes the constraint tighten more slowly): a number or
+      an optax schedule of the step count (a finite number >= 0, or
+      ``schedule(count) -> scalar`` evaluated at ``count = t - 1``, the number
+      of steps before this one, the ``count`` field of :class:`FTPState`).
     mask: which tensors are constrained, as ``optax.masked`` takes it:
       ``None`` (every floating-point tensor), a pytree of static bools (or a
       prefix), or a callable ``params -> bool pytree`` such as
@@ -114,7 +116,8 @@ def ftp(inner: optax.GradientTransformation, *, k: float = 1.0,
     pre-trained parameters). ``update(grads, state, params)`` returns updates
     such that ``optax.apply_updates(params, updates)`` is the FTP step; it
     raises ``ValueError`` if ``params`` is missing or does not match the
-    anchor.
+    anchor, or the gradients' (or the inner updates') structure or shapes
+    differ from the params (naming the path).
 
   Example:
     >>> import jax.numpy as jnp, optax, tpgm_jax
@@ -160,9 +163,11 @@ def ftp(inner: optax.GradientTransformation, *, k: float = 1.0,
     _tree.check_anchor(params, anchor)
     updates, inner_state = _wrapper.inner_update(inner, grads, state.inner_state, params,
                                                  extra_args)
+    k_t = _tree.schedule_value("k", k, state.count)
     count = optax.safe_int32_increment(state.count)
     rows = _tree.map_constrained(
-        lambda w0, *xs: _ftp_tensor(w0, *xs, count=count, k=k, norm=norm),
+        lambda w0, *xs: _ftp_tensor(w0, *xs, count=count, k=k_t, norm=norm,
+                                    scheduled=_tree.is_schedule(k)),
         anchor, params, grads, updates, state.gamma, state.gamma_mu, state.gamma_nu,
         state.prev_displacement, state.prev_norms, otherwise=lambda w, g, u, *rest: (u, *rest))
     updates, *fields = _tree.unzip(anchor, rows, 6)
@@ -171,9 +176,11 @@ def ftp(inner: optax.GradientTransformation, *, k: float = 1.0,
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _ftp_tensor(w0, w, g, u, gamma, mu, nu, prev_c, prev_n, *, count, k, norm):
+def _ftp_tensor(w0, w, g, u, gamma, mu, nu, prev_c, prev_n, *, count, k, norm,
+                scheduled=False):
   """One constrained tensor's FTP step: ``(update, gamma, mu, nu, c, n)``."""
   ct = gamma.dtype
+  k = _tree.in_dtype(k, ct, scheduled)
   c = w.astype(ct) + u.astype(ct) - w0.astype(ct)
   norms = jax.lax.stop_gradient(_projection.channel_norms(c, norm)) + EPS
   h = jnp.sum(_projection.channel_sum(g.astype(ct) * prev_c.astype(ct), norm) / prev_n)

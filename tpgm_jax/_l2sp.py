@@ -17,14 +17,17 @@ class L2SPState(NamedTuple):
   """State of :func:`l2sp`.
 
   Attributes:
+    count: int32 scalar, the number of updates so far; a scheduled ``alpha`` or
+      ``beta`` is evaluated at it (0 at the first update).
     anchor: the pre-trained value ``w0`` of every anchored tensor (shape,
       dtype and sharding of the parameter), recorded by ``init``;
       ``optax.MaskedNode()`` for the others.
   """
+  count: jax.Array
   anchor: PyTree
 
 
-def l2sp(alpha: float | jax.Array, beta: float | jax.Array = 0.0,
+def l2sp(alpha: _tree.ScalarOrSchedule, beta: _tree.ScalarOrSchedule = 0.0,
          mask: _tree.Mask = None) -> optax.GradientTransformation:
   """Adds the gradient of the L2-SP penalty to the updates.
 
@@ -41,10 +44,12 @@ def l2sp(alpha: float | jax.Array, beta: float | jax.Array = 0.0,
   parameters).
 
   Args:
-    alpha: strength of the pull toward the anchor (a finite number >= 0 or
-      a scalar array).
-    beta: plain weight decay of the unanchored tensors (0 by default; a
-      finite number >= 0 or a scalar array).
+    alpha: strength of the pull toward the anchor: a number or an optax
+      schedule of the step count (a finite number >= 0, a scalar array, or
+      ``schedule(count) -> scalar`` evaluated at the number of updates before
+      this one, e.g. ``optax.linear_schedule(0.0, 0.1, 1000)``).
+    beta: plain weight decay of the unanchored tensors (0 by default): a
+      number or an optax schedule of the step count, as ``alpha``.
     mask: which tensors are anchored, as ``optax.masked`` takes it: ``None``
       (every floating-point tensor), a pytree of static bools (or a prefix),
       or a callable ``params -> bool pytree`` such as
@@ -54,7 +59,8 @@ def l2sp(alpha: float | jax.Array, beta: float | jax.Array = 0.0,
   Returns:
     An ``optax.GradientTransformation`` with state :class:`L2SPState`; its
     ``update`` raises ``ValueError`` if ``params`` is missing or does not
-    match the anchor.
+    match the anchor, or the updates' structure or shapes differ from the
+    params (naming the path).
 
   Example:
     >>> import jax.numpy as jnp, optax, tpgm_jax
@@ -77,24 +83,29 @@ def l2sp(alpha: float | jax.Array, beta: float | jax.Array = 0.0,
 
   def init_fn(params):
     _tree.require_params(params, "l2sp", "tx.init(params) with the pre-trained params")
-    return L2SPState(anchor=_tree.record_anchor(params, mask))
+    return L2SPState(count=jnp.zeros((), jnp.int32), anchor=_tree.record_anchor(params, mask))
 
   def update_fn(updates, state, params=None):
     _tree.require_params(params, "l2sp", "update(updates, state, params)")
     _tree.check_anchor(params, state.anchor)
-    _tree.align(params, updates, "updates")
+    _tree.check_like(params, updates, "updates")
+    a = _tree.schedule_value("alpha", alpha, state.count)
+    b = _tree.schedule_value("beta", beta, state.count)
 
     def anchored(w0, u, w):
       ct = _projection.compute_dtype(jnp.result_type(w))
-      return (u.astype(ct) + alpha * (w.astype(ct) - w0.astype(ct))).astype(u.dtype)
+      a_ct = _tree.in_dtype(a, ct, _tree.is_schedule(alpha))
+      return (u.astype(ct) + a_ct * (w.astype(ct) - w0.astype(ct))).astype(u.dtype)
 
     def others(u, w):
       if not (decay_others and _tree.is_float(w)) or _tree.is_masked(u):
         return u
       ct = _projection.compute_dtype(jnp.result_type(w))
-      return (u.astype(ct) + beta * w.astype(ct)).astype(u.dtype)
+      b_ct = _tree.in_dtype(b, ct, _tree.is_schedule(beta))
+      return (u.astype(ct) + b_ct * w.astype(ct)).astype(u.dtype)
 
+    new_state = L2SPState(optax.safe_int32_increment(state.count), state.anchor)
     return _tree.map_constrained(anchored, state.anchor, updates, params,
-                                 otherwise=others), state
+                                 otherwise=others), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import numbers
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -63,7 +64,11 @@ def radii_trainer(loss_fn: LossFn, *, norm: _projection.Norm = "mars",
       is kept in these units; the radii passed in and returned are distances.
 
   Returns:
-    A :class:`RadiiTrainer`.
+    A :class:`RadiiTrainer`. Its ``update`` raises ``ValueError`` (when traced,
+    before any work) if ``batches`` is ``None``, a string, holds a leaf that is
+    not an array, or a leaf whose leading axis is not ``max_iters`` (a list of
+    batches must be stacked first), if ``loss_fn`` does not return a
+    floating-point scalar, or if the radii do not fit the params.
 
   Example:
     >>> import jax, jax.numpy as jnp, tpgm_jax
@@ -146,8 +151,9 @@ def radius_steps(loss_fn: LossFn, optimizer: optax.GradientTransformation, param
 
   def step(radii, opt_state, batch):
     radii = _projection.clip_cached(anchor, cached, radii)
-    loss, grads = jax.value_and_grad(lambda v: loss_fn(
-        _projection.project_cached(params, anchor, cached, to_radii(v)), batch))(to_units(radii))
+    loss, grads = jax.value_and_grad(lambda v: scalar_loss(loss_fn(
+        _projection.project_cached(params, anchor, cached, to_radii(v)), batch)))(
+            to_units(radii))
     updates, opt_state = optimizer.update(grads, opt_state, to_units(radii))
     return to_radii(optax.apply_updates(to_units(radii), updates)), opt_state, loss
 
@@ -161,18 +167,92 @@ def radius_steps(loss_fn: LossFn, optimizer: optax.GradientTransformation, param
   return radii, opt_state, jnp.stack(losses)
 
 
+def scalar_loss(out: Any) -> jax.Array:
+  """The held-out loss's value, checked to be a floating-point scalar (a static check)."""
+  if isinstance(out, numbers.Real) and not isinstance(out, bool):
+    out = jnp.asarray(out, jnp.float32)
+  if not (hasattr(out, "shape") and hasattr(out, "dtype")) or jnp.shape(out) != () or not (
+      jnp.issubdtype(out.dtype, jnp.floating)):
+    got = (f"an array of shape {jnp.shape(out)} and dtype {out.dtype}"
+           if hasattr(out, "shape") and hasattr(out, "dtype") else f"a {type(out).__name__}")
+    raise ValueError(
+        f"the held-out loss must return a floating-point scalar (reduce it, e.g. with "
+        f".mean(); return no auxiliary outputs), got {got}")
+  return out
+
+
+_STACK_HINT = ("stack a list of batches into one pytree with "
+               "jax.tree.map(lambda *b: jnp.stack(b), *batches)")
+
+
 def check_batches(batches: PyTree, max_iters: int, name: str = "batches") -> None:
-  """Checks a held-out batch pytree: every leaf has a leading axis of ``max_iters``."""
+  """Checks a held-out batch pytree: every leaf is an array with a leading axis of
+  ``max_iters`` (one stacked batch per radius iteration). Static: costs nothing under jit."""
+  expected = (f"expected one pytree of arrays whose leaves have a leading axis of length "
+              f"max_iters={max_iters} (one held-out batch per radius iteration)")
+  if batches is None or isinstance(batches, (str, bytes)):
+    raise ValueError(f"{name} is {batches!r}; {expected}")
   leaves = jax.tree.leaves(batches)
   if not leaves:
-    raise ValueError(f"{name} is empty; expected a pytree of arrays with a leading axis of "
-                     f"length max_iters={max_iters}")
-  for path, leaf in zip(_tree.leaf_paths(batches), jax.tree.leaves(batches)):
+    raise ValueError(f"{name} is empty; {expected}")
+  listed = isinstance(batches, list)
+  for path, leaf in zip(_tree.leaf_paths(batches), leaves):
+    if not (hasattr(leaf, "shape") or isinstance(leaf, numbers.Number)):
+      raise ValueError(f"{name} at '{path}' is a {type(leaf).__name__} ({leaf!r}); {expected}")
     if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != max_iters:
       raise ValueError(
-          f"{name} at '{path}' has shape {jnp.shape(leaf)}; expected a leading "
-          f"axis of length max_iters={max_iters} (one held-out batch per radius "
-          "iteration; use batch[None] for max_iters=1)")
+          f"{name} at '{path}' has shape {jnp.shape(leaf)}; expected a leading axis of length "
+          f"max_iters={max_iters} (one held-out batch per radius iteration; use batch[None] "
+          f"for max_iters=1" + (f"; {_STACK_HINT}" if listed else "") + ")")
+
+
+def _batch_signature(batch: Any) -> tuple[Any, list[Any]]:
+  leaves = jax.tree.leaves(batch)
+  return jax.tree.structure(batch), [(jnp.shape(x), jnp.result_type(x)) for x in leaves]
+
+
+def check_batch_sequence(batches: Any, name: str = "batches") -> None:
+  """Checks that ``batches`` is an iterable of held-out batches, not one batch.
+
+  ``None``, a string, a dict (one batch), an array, or a tuple of arrays (one
+  ``(x, y)`` batch, which iterating would silently take as two batches) raise
+  a ``ValueError``; so does a sequence whose batches differ in tree structure,
+  shapes or dtypes (:func:`check_same_batch`).
+  """
+  one = ("pass a list (or a generator) of held-out batches, e.g. [batch] for one batch")
+  if batches is None or isinstance(batches, (str, bytes)):
+    raise ValueError(f"{name} is {batches!r}; {one}")
+  if isinstance(batches, Mapping) or hasattr(batches, "shape"):
+    raise ValueError(f"{name} must be an iterable of held-out batches, not a single batch "
+                     f"({type(batches).__name__}); {one}")
+  if isinstance(batches, tuple) and batches and all(
+      hasattr(x, "shape") for x in batches):
+    shapes = ", ".join(str(jnp.shape(x)) for x in batches[:4])
+    raise ValueError(
+        f"{name} is a tuple of {len(batches)} arrays (shapes {shapes}), which looks like a "
+        f"single (x, y) batch; iterating it would take each array as a batch. Pass "
+        f"[(x, y)] for one batch, or a list of batches")
+  if not isinstance(batches, Iterable):
+    raise ValueError(f"{name} must be an iterable of held-out batches, got "
+                     f"{type(batches).__name__}; {one}")
+  if isinstance(batches, Sequence) and batches:
+    first = _batch_signature(batches[0])
+    for i, batch in enumerate(batches[1:], 1):
+      check_same_batch(first, batch, i, name)
+
+
+def check_same_batch(first: tuple[Any, list[Any]], batch: Any, index: int,
+                     name: str = "batches") -> None:
+  """Batch ``index`` must have the tree structure, shapes and dtypes of batch 0."""
+  structure, leaves = _batch_signature(batch)
+  if structure != first[0]:
+    raise ValueError(f"{name} is ragged: batch {index} has tree structure {structure}, batch 0 "
+                     f"has {first[0]}")
+  for path, got, want in zip(_tree.leaf_paths(batch), leaves, first[1]):
+    if got != want:
+      raise ValueError(
+          f"{name} is ragged: batch {index} at '{path}' has shape {got[0]} and dtype {got[1]}, "
+          f"batch 0 has {want[0]} and {want[1]}; use batches of one size (drop the remainder)")
 
 
 def learn_radii_post_hoc(loss_fn: LossFn, finetuned: PyTree, pretrained: PyTree,
@@ -194,8 +274,11 @@ def learn_radii_post_hoc(loss_fn: LossFn, finetuned: PyTree, pretrained: PyTree,
     loss_fn: ``loss_fn(params, batch) -> scalar`` on held-out data.
     finetuned: the fine-tuned parameters.
     pretrained: the pre-trained parameters (same structure and shapes).
-    batches: an iterable of held-out batches; one radius step per batch,
-      each step a call of a jitted function (so the loop is over host data).
+    batches: an iterable of held-out batches (a list or a generator); one
+      radius step per batch, each step a call of a jitted function (so the
+      loop is over host data). All batches must have the same tree structure,
+      shapes and dtypes. ``None``, a string, one dict batch, one array or one
+      ``(x, y)`` tuple of arrays is an error (pass ``[batch]``).
     norm: ``"mars"`` or ``"l2"``.
     mask: which tensors are constrained (exclude a new head).
     optimizer: radius optimizer; default ``optax.adam(1e-2)``.
@@ -205,19 +288,26 @@ def learn_radii_post_hoc(loss_fn: LossFn, finetuned: PyTree, pretrained: PyTree,
 
   Returns:
     ``(projected_params, radii)``.
+
+  Raises:
+    ValueError: ``batches`` is not a sequence of equally shaped batches (see
+      above), ``loss_fn`` does not return a floating-point scalar, or the
+      trees do not match (the message names the path).
   """
   trainer = radii_trainer(loss_fn, norm=norm, mask=mask, optimizer=optimizer,
                           radius_units=radius_units)
-  if isinstance(batches, Mapping) or hasattr(batches, "shape"):
-    raise ValueError("batches must be an iterable of held-out batches (e.g. a list or a "
-                     "generator), not a single batch")
+  check_batch_sequence(batches)
   if radii is None:
     radii = _projection.init_radii(finetuned, pretrained, norm, mask)
   state = trainer.init(radii)
   step = jax.jit(lambda r, s, ft, pre, b: trainer.update(
       r, s, ft, pre, jax.tree.map(lambda x: x[None], b))[:2])
-  steps = 0
+  steps, first = 0, None
   for batch in batches:
+    if first is None:
+      first = _batch_signature(batch)
+    else:
+      check_same_batch(first, batch, steps)
     radii, state = step(radii, state, finetuned, pretrained, batch)
     steps += 1
   if not steps:

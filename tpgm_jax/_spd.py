@@ -18,17 +18,20 @@ class SPDState(NamedTuple):
   """State of :func:`spd`.
 
   Attributes:
+    count: int32 scalar, the number of updates so far; a scheduled
+      ``weight_decay`` is evaluated at it (0 at the first update).
     anchor: with ``anchor="init"``, the pre-trained value ``w0`` of every
       constrained tensor (shape, dtype and sharding of the parameter),
       recorded by ``init``, and ``optax.MaskedNode()`` for the others; with
       ``anchor="zeros"``, ``optax.MaskedNode()`` everywhere (nothing stored).
     inner_state: the inner optimizer's state.
   """
+  count: jax.Array
   anchor: PyTree
   inner_state: optax.OptState
 
 
-def spd(inner: optax.GradientTransformation, *, weight_decay: float | jax.Array,
+def spd(inner: optax.GradientTransformation, *, weight_decay: _tree.ScalarOrSchedule,
         mask: _tree.Mask = None,
         anchor: Literal["init", "zeros"] = "init") -> optax.GradientTransformationExtraArgs:
   """Wraps an optimizer with Selective Projection Decay toward the anchor.
@@ -51,8 +54,10 @@ def spd(inner: optax.GradientTransformation, *, weight_decay: float | jax.Array,
   Args:
     inner: any optax optimizer (Adam in the paper); extra keyword arguments
       of ``update`` are passed on to it.
-    weight_decay: the decay strength (a finite number >= 0 or a scalar
-      array), the paper's lambda.
+    weight_decay: the decay strength, the paper's lambda: a number or an
+      optax schedule of the step count (a finite number >= 0, a scalar array,
+      or ``schedule(count) -> scalar`` evaluated at the number of updates
+      before this one, e.g. ``optax.linear_schedule(0.0, 1.0, 1000)``).
     mask: which tensors are decayed, as ``optax.masked`` takes it: ``None``
       (every floating-point tensor), a pytree of static bools (or a prefix),
       or a callable ``params -> bool pytree`` such as
@@ -66,7 +71,9 @@ def spd(inner: optax.GradientTransformation, *, weight_decay: float | jax.Array,
     An ``optax.GradientTransformationExtraArgs`` whose state is an
     :class:`SPDState`; ``update(grads, state, params)`` returns updates such
     that ``optax.apply_updates(params, updates)`` is the SPD step and raises
-    ``ValueError`` if ``params`` is missing or does not match the anchor.
+    ``ValueError`` if ``params`` is missing or does not match the anchor, or
+    the gradients' (or the inner updates') structure or shapes differ from
+    the params (naming the path).
 
   Example:
     >>> import jax.numpy as jnp, optax, tpgm_jax
@@ -95,7 +102,8 @@ def spd(inner: optax.GradientTransformation, *, weight_decay: float | jax.Array,
       anchors = _tree.record_anchor(params, lambda p: False)
     else:
       anchors = _tree.record_anchor(params, mask)
-    return SPDState(anchor=anchors, inner_state=inner.init(params))
+    return SPDState(count=jnp.zeros((), jnp.int32), anchor=anchors,
+                    inner_state=inner.init(params))
 
   def update_fn(grads, state, params=None, **extra_args):
     _tree.require_params(params, "spd", "update(grads, state, params)")
@@ -106,16 +114,19 @@ def spd(inner: optax.GradientTransformation, *, weight_decay: float | jax.Array,
       w0 = _tree.masked_anchor(params, state.anchor)
     updates, inner_state = _wrapper.inner_update(inner, grads, state.inner_state, params,
                                                  extra_args)
+    lam = _tree.schedule_value("weight_decay", weight_decay, state.count)
+    scheduled = _tree.is_schedule(weight_decay)
     updates = _tree.map_constrained(
-        lambda w0, w, g, u: _spd_tensor(w0, w, g, u, weight_decay), w0, params, grads, updates,
-        otherwise=lambda w, g, u: u)
-    return updates, SPDState(state.anchor, inner_state)
+        lambda w0, w, g, u: _spd_tensor(w0, w, g, u, lam, scheduled), w0, params, grads,
+        updates, otherwise=lambda w, g, u: u)
+    return updates, SPDState(optax.safe_int32_increment(state.count), state.anchor, inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _spd_tensor(w0, w, g, u, weight_decay):
+def _spd_tensor(w0, w, g, u, weight_decay, scheduled=False):
   ct = _projection.compute_dtype(jnp.result_type(w))
+  weight_decay = _tree.in_dtype(weight_decay, ct, scheduled)
   w, w0 = w.astype(ct), w0.astype(ct)
   c = w + u.astype(ct)
   d_old, d_new = w - w0, c - w0

@@ -18,23 +18,26 @@ class TPGMState(NamedTuple):
   """State of :func:`tpgm`.
 
   Attributes:
+    count: int32 scalar, the number of updates so far; a radius schedule is
+      evaluated at it (0 at the first update).
     anchor: the pre-trained parameters recorded by ``init``: an array (same
       shape, dtype and sharding as the parameter) for every constrained
       tensor, ``optax.MaskedNode()`` for every unconstrained one.
   """
+  count: jax.Array
   anchor: PyTree
 
 
 def _projected_updates(updates: PyTree, params: PyTree, anchor: PyTree,
                        projected: PyTree) -> PyTree:
   """``project(w + u) - w`` for constrained tensors, ``u`` elsewhere."""
-  _tree.align(params, updates, "updates")
   return _tree.map_constrained(lambda _, u, w, new: (new - w).astype(jnp.result_type(u)),
                                anchor, updates, params, projected)
 
 
 def tpgm(norm: _projection.Norm = "mars", mask: _tree.Mask = None,
-         radii: float | PyTree | None = None) -> optax.GradientTransformationExtraArgs:
+         radii: _tree.ScalarOrSchedule | PyTree | None = None
+         ) -> optax.GradientTransformationExtraArgs:
   """Projects the parameters after each step into balls of given radii around the anchor.
 
   Use it as the LAST link of ``optax.chain``: given the updates ``u`` of the
@@ -58,15 +61,26 @@ def tpgm(norm: _projection.Norm = "mars", mask: _tree.Mask = None,
       ``tpgm_jax.path_mask(exclude=r"params/head/.*")``. Always exclude a
       freshly initialised head. Unconstrained tensors get the preceding
       optimizer's update unchanged.
-    radii: fixed radii used when ``update`` gets none: one finite number >= 0
-      for every constrained tensor (MARS-PGM with one hand-set radius), or a
-      pytree of scalars with the structure of the params (one per tensor).
+    radii: radii used when ``update`` gets none: one radius for every
+      constrained tensor (MARS-PGM with one hand-set radius), given as a
+      number or an optax schedule of the step count (a finite number >= 0, or
+      ``schedule(count) -> scalar`` evaluated at the number of updates before
+      this one, the ``count`` field of :class:`TPGMState`, e.g.
+      ``optax.linear_schedule(0.0, 0.5, 1000)`` to loosen the ball during
+      training); or a pytree of scalars with the structure of the params
+      (one per tensor).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``; ``update`` takes
-    ``(updates, state, params, *, radii=None)`` and raises ``ValueError`` if
-    ``params`` is missing, no radii are given, or they do not match the
-    anchor.
+    An ``optax.GradientTransformationExtraArgs`` with state
+    :class:`TPGMState`; ``update`` takes ``(updates, state, params, *,
+    radii=None)`` and raises ``ValueError`` if ``params`` is missing, the
+    updates' structure or shapes differ from the params, no radii are given,
+    or they do not match the anchor. Radius values are checked where they are
+    concrete: ``tpgm(radii=...)`` must be finite and >= 0; concrete
+    ``update(radii=...)`` (outside ``jax.jit``, read back in one transfer) must
+    be finite, and a negative one means the 1e-8 floor (a radius optimizer's
+    raw step may go below it). Traced radii cannot be checked; use
+    :func:`check_finite` outside jit.
 
   Example:
     >>> import jax.numpy as jnp, optax, tpgm_jax
@@ -86,28 +100,38 @@ def tpgm(norm: _projection.Norm = "mars", mask: _tree.Mask = None,
     Fine-Tuning", ICLR 2021, arXiv:2002.08253 (MARS-PGM).
   """
   _projection._check_norm(norm)
-  one_radius = radii is not None and (isinstance(radii, (int, float)) or (
+  scheduled = _tree.is_schedule(radii)
+  one_radius = radii is not None and not scheduled and (isinstance(radii, (int, float)) or (
       hasattr(radii, "shape") and jnp.shape(radii) == ()))
   if one_radius:
     _tree.check_number("radii", radii)
+  elif radii is not None and not scheduled:
+    _tree.check_radius_values(radii, "radii")
   default_radii = radii
 
   def init_fn(params):
     _tree.require_params(params, "tpgm", "tx.init(params) with the pre-trained params")
-    return TPGMState(anchor=_tree.record_anchor(params, mask))
+    return TPGMState(count=jnp.zeros((), jnp.int32), anchor=_tree.record_anchor(params, mask))
 
   def update_fn(updates, state, params=None, *, radii=None, **extra_args):
     del extra_args
     _tree.require_params(params, "tpgm", "update(updates, state, params, radii=radii)")
-    if radii is None and one_radius:
+    _tree.check_like(params, updates, "updates")
+    if radii is not None:
+      _tree.check_radius_values(radii, "radii", negative=False)
+    elif scheduled:
+      r = _tree.schedule_value("radii", default_radii, state.count).astype(jnp.float32)
+      radii = jax.tree.map(lambda _: r, params)
+    elif one_radius:
       radii = jax.tree.map(lambda _: jnp.asarray(default_radii, jnp.float32), params)
-    elif radii is None:
+    else:
       radii = default_radii
     candidate = optax.apply_updates(params, updates)
     anchor, cached = _projection.constrained_displacements(candidate, state.anchor, norm)
     _tree.check_radii(candidate, radii, anchor)
     projected = _projection.project_cached(candidate, anchor, cached, radii)
-    return _projected_updates(updates, params, anchor, projected), state
+    new_state = TPGMState(optax.safe_int32_increment(state.count), state.anchor)
+    return _projected_updates(updates, params, anchor, projected), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -183,7 +207,10 @@ def trainable_projection(heldout_loss: Callable[[PyTree, Any], jax.Array], *,
     An ``optax.GradientTransformationExtraArgs`` with state
     :class:`TrainableProjectionState`; ``update(updates, state, params, *,
     heldout=None)`` takes ``heldout`` as a batch pytree whose leaves have a
-    leading axis of length ``max_iters`` (``batch[None]`` for one).
+    leading axis of length ``max_iters`` (``batch[None]`` for one). It raises
+    ``ValueError`` (when traced) if the updates' structure or shapes differ
+    from the params, ``heldout`` is not such a pytree of arrays, or
+    ``heldout_loss`` does not return a floating-point scalar.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, tpgm_jax
@@ -224,6 +251,7 @@ def trainable_projection(heldout_loss: Callable[[PyTree, Any], jax.Array], *,
     del extra_args
     _tree.require_params(params, "trainable_projection",
                          "update(updates, state, params, heldout=batches or None)")
+    _tree.check_like(params, updates, "updates")
     candidate = optax.apply_updates(params, updates)
     anchor, cached = _projection.constrained_displacements(candidate, state.anchor, norm)
     first = _projection.initial_radii(anchor, cached)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
@@ -43,16 +44,53 @@ def path_str(path: tuple[Any, ...]) -> str:
   return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
+def _is_nnx_variable(x: Any) -> bool:
+  """True for a Flax NNX ``Variable`` (``nnx.Param`` etc.), without importing Flax.
+
+  If ``flax.nnx`` has not been imported, no Variable can exist.
+  """
+  nnx = sys.modules.get("flax.nnx")
+  variable = getattr(nnx, "Variable", None) if nnx is not None else None
+  return variable is not None and isinstance(x, variable)
+
+
+def _key_paths(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> list[tuple]:
+  """The key path of every leaf, with the ``value`` key of an NNX Variable dropped.
+
+  ``nnx.Optimizer`` calls ``tx.init`` on a state of Variables (a leaf's path
+  ends in ``GetAttrKey('value')``) and ``tx.update`` on plain arrays (the
+  same path without it); dropping that key gives both the same path.
+  """
+  def stop(x):
+    return _is_nnx_variable(x) or (is_leaf is not None and is_leaf(x))
+
+  out = []
+  for path, node in jax.tree_util.tree_flatten_with_path(tree, is_leaf=stop)[0]:
+    if not _is_nnx_variable(node) or (is_leaf is not None and is_leaf(node)):
+      out.append(path)
+      continue
+    for sub, _ in jax.tree_util.tree_flatten_with_path(node, is_leaf=is_leaf)[0]:
+      if sub and isinstance(sub[0], jax.tree_util.GetAttrKey) and sub[0].name == "value":
+        sub = sub[1:]
+      out.append(tuple(path) + tuple(sub))
+  return out
+
+
 def leaf_paths(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> list[str]:
   """The '/'-joined paths of every leaf of ``tree``, in flattening order.
+
+  A Flax NNX ``Variable`` (``nnx.Param``, ...) contributes its own path: the
+  trailing ``value`` key of the Variable is dropped, so a state of Variables
+  (what ``nnx.Optimizer`` passes to ``tx.init``) and the same state of plain
+  arrays (what it passes to ``tx.update``) have the same paths, e.g.
+  ``'head/kernel'`` for both. The library does not import Flax.
 
   Example:
     >>> import tpgm_jax
     >>> tpgm_jax.leaf_paths({"params": {"head": {"bias": 0, "kernel": 0}}, "x": [1, 2]})
     ['params/head/bias', 'params/head/kernel', 'x/0', 'x/1']
   """
-  leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
-  return [path_str(p) for p, _ in leaves]
+  return [path_str(p) for p in _key_paths(tree, is_leaf)]
 
 
 def _listing(items: Sequence[str], limit: int = 5) -> str:
@@ -99,6 +137,18 @@ def align(params: PyTree, other: PyTree, name: str) -> list[Any]:
   return subtrees
 
 
+def check_like(params: PyTree, tree: PyTree, name: str) -> list[Any]:
+  """:func:`align`, then checks that every array of ``tree`` has the shape of the
+  parameter at its path (``ValueError`` naming the path). Static: costs nothing
+  under ``jax.jit``."""
+  leaves = align(params, tree, name)
+  for path, p, x in zip(leaf_paths(params), jax.tree.leaves(params), leaves):
+    if not is_masked(x) and jnp.shape(x) != jnp.shape(p):
+      raise ValueError(f"{name} at '{path}' has shape {jnp.shape(x)} but params have "
+                       f"{jnp.shape(p)}")
+  return leaves
+
+
 def is_float(x: Any) -> bool:
   return jnp.issubdtype(jnp.result_type(x), jnp.floating)
 
@@ -107,17 +157,59 @@ def is_float(x: Any) -> bool:
 # Masks.
 
 
-def _rule(rule: PathRule, arg: str) -> Callable[[str], bool]:
-  """A path predicate from a regex, a sequence of regexes or a predicate."""
+class MaskError(ValueError):
+  """A bad mask or path rule (raised as is through a callable mask)."""
+
+
+def _rule(rule: PathRule, arg: str) -> tuple[Callable[[str], bool], list[str] | None]:
+  """A path predicate from a regex, a sequence of regexes or a predicate, and the
+  regexes (``None`` for a predicate)."""
   if callable(rule):
-    return rule
-  patterns = [rule] if isinstance(rule, str) else list(rule)
+    return rule, None
+  kind = ("a regex, a sequence of regexes or a predicate on the '/'-joined parameter path "
+          "(e.g. r\"params/head/.*\")")
+  if isinstance(rule, str):
+    patterns = [rule]
+  elif isinstance(rule, Sequence) and not isinstance(rule, (bytes, bytearray)):
+    patterns = list(rule)
+    bad = [p for p in patterns if not isinstance(p, str)]
+    if bad or not patterns:
+      detail = (f"element {bad[0]!r} ({type(bad[0]).__name__}) is not a string" if bad
+                else "the sequence is empty")
+      raise MaskError(f"{arg} must be {kind}; got {rule!r}: {detail}")
+  else:
+    raise MaskError(f"{arg} must be {kind}; got {rule!r} ({type(rule).__name__})")
   try:
     compiled = [re.compile(p) for p in patterns]
-  except (TypeError, re.error) as e:
-    raise ValueError(f"{arg} must be a regex, a sequence of regexes or a predicate on the "
-                     f"'/'-joined parameter path; got {rule!r} ({e})") from e
-  return lambda path: any(c.fullmatch(path) for c in compiled)
+  except re.error as e:
+    raise MaskError(f"{arg} must be {kind}; got {rule!r} ({e})") from e
+  return (lambda path: any(c.fullmatch(path) for c in compiled)), patterns
+
+
+def _suggestion(patterns: Sequence[str], paths: Sequence[str]) -> str:
+  """A hint for patterns that match part of a path but never a whole path."""
+  for pattern in patterns:
+    for path in paths:
+      m = re.search(pattern, path)
+      if m is None:
+        continue
+      end = path.find("/", m.end())
+      prefix = path[:end] if end >= 0 else path
+      forms = [f"r\".*{pattern}.*\""] + ([f"\"{re.escape(prefix)}/.*\""] if end >= 0 else [])
+      return (f" '{pattern}' matches part of '{path}' but patterns are matched against the "
+              f"WHOLE path (re.fullmatch); did you mean {' or '.join(forms)}?")
+  return ""
+
+
+def _check_matches(arg: str, rule: Callable[[str], bool], patterns: list[str] | None,
+                   paths: Sequence[str]) -> None:
+  """A regex rule that matches no parameter path is an error (a typo or a partial name)."""
+  if patterns is None or not paths or any(rule(p) for p in paths):
+    return
+  raise MaskError(
+      f"path_mask({arg}={patterns[0] if len(patterns) == 1 else patterns!r}) matches no "
+      f"parameter path; the paths are {_listing(list(paths))}."
+      + _suggestion(patterns, paths))
 
 
 def path_mask(include: PathRule = None, *, exclude: PathRule = None
@@ -126,7 +218,9 @@ def path_mask(include: PathRule = None, *, exclude: PathRule = None
 
   Paths are spelled as ``jax.tree_util.keystr(path, simple=True,
   separator="/")`` spells them (``'params/head/kernel'``, ``'layers/0/bias'``;
-  see :func:`leaf_paths`). A tensor is selected when it is floating-point, its
+  see :func:`leaf_paths`; a Flax NNX Variable's trailing ``value`` key is
+  dropped, so under ``nnx.Optimizer`` the same mask means the same tensors at
+  ``init`` and ``update``). A tensor is selected when it is floating-point, its
   path matches ``include`` (every path if ``None``) and does not match
   ``exclude``. A rule is a regex (matched against the WHOLE path with
   ``re.fullmatch``), a sequence of regexes (any of them), or a predicate
@@ -140,6 +234,14 @@ def path_mask(include: PathRule = None, *, exclude: PathRule = None
     A callable ``params -> bool pytree``, usable as the ``mask`` of every
     function of this library and of ``optax.masked``.
 
+  Raises:
+    ValueError: at once, if a rule is not a regex, a sequence of regex
+      strings or a callable (or a regex does not compile); when the mask is
+      applied to the params (a transformation's ``init``), if a regex rule
+      matches no parameter path at all: the message lists the first paths and,
+      for a partial name such as ``exclude="head"``, suggests ``r".*head.*"``
+      or ``"params/head/.*"``. Predicates are not checked.
+
   Example:
     >>> import jax.numpy as jnp, tpgm_jax
     >>> params = {"params": {"backbone": {"kernel": jnp.ones(2)},
@@ -148,11 +250,16 @@ def path_mask(include: PathRule = None, *, exclude: PathRule = None
     >>> not_head(params)
     {'params': {'backbone': {'kernel': True}, 'head': {'kernel': False}}}
   """
-  keep = None if include is None else _rule(include, "include")
-  drop = None if exclude is None else _rule(exclude, "exclude")
+  keep, keep_patterns = (None, None) if include is None else _rule(include, "include")
+  drop, drop_patterns = (None, None) if exclude is None else _rule(exclude, "exclude")
 
   def mask(params):
-    paths = iter(leaf_paths(params))
+    all_paths = leaf_paths(params)
+    if keep is not None:
+      _check_matches("include", keep, keep_patterns, all_paths)
+    if drop is not None:
+      _check_matches("exclude", drop, drop_patterns, all_paths)
+    paths = iter(all_paths)
 
     def flag(leaf):
       path = next(paths)
@@ -194,8 +301,11 @@ def resolve_mask(mask: Mask, params: PyTree) -> list[bool]:
   if callable(mask):
     try:
       mask = mask(params)
-    except (AttributeError, TypeError) as e:
-      raise _mask_error(f"Calling the mask on params raised {type(e).__name__}: {e} "
+    except MaskError:
+      raise
+    except Exception as e:  # noqa: BLE001 (any failure of user code, shown with its cause)
+      raise _mask_error(f"The mask callable failed on the params (paths "
+                        f"{_listing(paths)}): it raised {type(e).__name__}: {e} "
                         "(a callable mask receives the params pytree, not a path string)."
                         ) from e
   treedef = jax.tree.structure(params)
@@ -313,6 +423,30 @@ def check_radii(params: PyTree, radii: PyTree, anchor: PyTree) -> None:
           + ("nothing" if is_masked(r) else f"shape {jnp.shape(r)} and dtype {jnp.result_type(r)}"))
 
 
+def check_radius_values(radii: PyTree, name: str = "radii", negative: bool = True) -> None:
+  """Checks the values of concrete radii: finite, and ``>= 0`` with ``negative``.
+
+  Traced values (inside ``jax.jit``) cannot be checked and are skipped (no
+  host sync); concrete values are read back in one transfer. Use
+  :func:`check_finite` for an explicit check of any tree.
+  """
+  items = [(p, x) for p, x in zip(leaf_paths(radii, is_masked),
+                                  jax.tree.leaves(radii, is_leaf=is_masked))
+           if not is_masked(x) and not isinstance(x, jax.core.Tracer)
+           and (isinstance(x, numbers.Real) or hasattr(x, "dtype"))]
+  if not items:
+    return
+  values = jax.device_get([x for _, x in items])
+  bad = [(p, v) for (p, _), v in zip(items, values) if np.size(v) and (
+      not np.all(np.isfinite(np.asarray(v, np.float64)))
+      or (negative and np.any(np.asarray(v, np.float64) < 0)))]
+  if bad:
+    shown = ", ".join(f"'{p}': {np.asarray(v).tolist()!r}" for p, v in bad[:5])
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    want = "finite numbers >= 0" if negative else "finite numbers"
+    raise ValueError(f"{name} must hold {want}; got {shown}{more}")
+
+
 def require_params(params: PyTree, name: str, call: str) -> None:
   """The error of a transformation whose ``init`` or ``update`` got no params."""
   if params is None:
@@ -355,6 +489,37 @@ def check_number(name: str, value: Any, *, minimum: float | None = 0.0,
   if (not math.isfinite(x) or (minimum is not None and (x <= minimum if strict else x < minimum))
       or (maximum is not None and x > maximum)):
     raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+
+
+ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], Any]]
+
+
+def is_schedule(value: Any) -> bool:
+  """True for a schedule ``count -> value`` (any callable), as ``optax.ScalarOrSchedule``."""
+  return callable(value)
+
+
+def schedule_value(name: str, value: ScalarOrSchedule, count: jax.Array) -> Any:
+  """A hyper-parameter at step ``count``: ``value(count)`` for a schedule, ``value`` itself
+  (unchanged, so numbers keep their exact arithmetic) otherwise.
+
+  ``count`` is an int32 scalar kept in a transformation's state (the number of
+  updates before this one), so under ``jax.jit`` the schedule is traced once and
+  evaluated on device: no recompilation per step. Raises ``ValueError`` naming
+  ``name`` if the schedule does not return a scalar (a static check).
+  """
+  if not is_schedule(value):
+    return value
+  out = value(count)
+  if jnp.ndim(out) != 0 or not jnp.issubdtype(jnp.result_type(out), jnp.number):
+    raise ValueError(f"the schedule given as {name} must return a real scalar for a step "
+                     f"count, got {type(out).__name__} of shape {jnp.shape(out)}")
+  return jnp.asarray(out)
+
+
+def in_dtype(value: Any, dtype: Any, scheduled: bool) -> Any:
+  """A scheduled value cast to the compute dtype; a number passes through untouched."""
+  return jnp.asarray(value).astype(dtype) if scheduled else value
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:

@@ -30,9 +30,9 @@ def inner_update(inner: optax.GradientTransformationExtraArgs, grads: PyTree,
                  inner_state: optax.OptState, params: PyTree,
                  extra_args: dict[str, Any]) -> tuple[PyTree, optax.OptState]:
   """The inner optimizer's ``(updates, state)``, after checking the trees' structures."""
-  _tree.align(params, grads, "grads")
+  _tree.check_like(params, grads, "grads")
   updates, inner_state = inner.update(grads, inner_state, params, **extra_args)
-  _tree.align(params, updates, "inner updates")
+  _tree.check_like(params, updates, "inner updates")
   return updates, inner_state
 
 

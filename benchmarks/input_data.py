@@ -30,8 +30,12 @@ def photo_like(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
   corners = rng.uniform(0, 255, (2, 2, 3))
   y = np.linspace(0, 1, height)[:, None, None]
   x = np.linspace(0, 1, width)[None, :, None]
-  base = (corners[0, 0] * (1 - y) * (1 - x) + corners[0, 1] * (1 - y) * x
-          + corners[1, 0] * y * (1 - x) + corners[1, 1] * y * x)
+  base = (
+    corners[0, 0] * (1 - y) * (1 - x)
+    + corners[0, 1] * (1 - y) * x
+    + corners[1, 0] * y * (1 - x)
+    + corners[1, 1] * y * x
+  )
   image = Image.fromarray(base.astype(np.uint8))
   draw = ImageDraw.Draw(image)
   for _ in range(int(rng.integers(8, 16))):
@@ -56,8 +60,9 @@ class InputBenchmarkJpegs(tfds.core.GeneratorBasedBuilder):
   name = NAME
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release."}
-  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=str(n), description=f"{n} images")
-                     for n in (64, 512)]
+  BUILDER_CONFIGS = [
+    tfds.core.BuilderConfig(name=str(n), description=f"{n} images") for n in (64, 512)
+  ]
   DEFAULT_CONFIG_NAME = "512"
 
   @tfds.core.utils.classproperty
@@ -67,9 +72,15 @@ class InputBenchmarkJpegs(tfds.core.GeneratorBasedBuilder):
     return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-        "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES)}))
+    return tfds.core.DatasetInfo(
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+          "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
+        }
+      ),
+    )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
@@ -81,20 +92,29 @@ class InputBenchmarkJpegs(tfds.core.GeneratorBasedBuilder):
       height, width = int(rng.integers(300, 401)), int(rng.integers(350, 451))
       if rng.random() < 0.25:  # some portrait images
         height, width = width, height
-      yield i, {"image": jpeg(photo_like(rng, height, width)),
-                "label": int(rng.integers(NUM_CLASSES))}
+      yield (
+        i,
+        {"image": jpeg(photo_like(rng, height, width)), "label": int(rng.integers(NUM_CLASSES))},
+      )
 
 
 def benchmark_task(images: int = 512) -> tasks.Task:
   ref = tasks.SplitRef(f"{NAME}/{images}", "train")
-  return tasks.Task(name="input_benchmark", num_classes=NUM_CLASSES, image_size=IMAGE_SIZE,
-                       train=ref, heldout=ref, val=ref, test=ref, ood={})
+  return tasks.Task(
+    name="input_benchmark",
+    num_classes=NUM_CLASSES,
+    image_size=IMAGE_SIZE,
+    train=ref,
+    heldout=ref,
+    val=ref,
+    test=ref,
+    ood={},
+  )
 
 
 def prepare(data_dir: str, images: int = 512) -> tfds.core.DatasetBuilder:
   """Builds the data set (array_record) in ``data_dir`` unless it is there."""
-  builder = InputBenchmarkJpegs(config=str(images), data_dir=data_dir,
-                                file_format="array_record")
+  builder = InputBenchmarkJpegs(config=str(images), data_dir=data_dir, file_format="array_record")
   if not builder.is_prepared():
     builder.download_and_prepare()
   return builder

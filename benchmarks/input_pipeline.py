@@ -62,8 +62,14 @@ from experiments.data.options import InputOptions, available_cores
 
 def options(workers: int) -> InputOptions:
   """The real-data training settings (configs/domainnet_resnet50.py) with ``workers`` workers."""
-  return InputOptions(hflip=True, random_resized_crop=True, crop_fraction=0.875,
-                               num_workers=workers, num_threads=1, prefetch=2)
+  return InputOptions(
+    hflip=True,
+    random_resized_crop=True,
+    crop_fraction=0.875,
+    num_workers=workers,
+    num_threads=1,
+    prefetch=2,
+  )
 
 
 def _cpu_seconds(pid: int) -> float | None:
@@ -81,12 +87,14 @@ def _self_cpu_seconds() -> float:
   return usage.ru_utime + usage.ru_stime
 
 
-def measure(task: tasks.Task, data_dir: str, workers: int, batch: int,
-            batches: int) -> dict[str, float | None]:
+def measure(
+  task: tasks.Task, data_dir: str, workers: int, batch: int, batches: int
+) -> dict[str, float | None]:
   """One fresh pipeline with ``workers`` workers, after its start-up: images/s, and the CPU
   time per image of the worker processes and of this process."""
-  it = pipeline.train_iterator(task, batch_size=batch, seed=0, data_dir=data_dir,
-                               options=options(workers))
+  it = pipeline.train_iterator(
+    task, batch_size=batch, seed=0, data_dir=data_dir, options=options(workers)
+  )
   with contextlib.closing(it):
     for _ in range(2 * workers):
       next(it)
@@ -101,18 +109,23 @@ def measure(task: tasks.Task, data_dir: str, workers: int, batch: int,
     after = [_cpu_seconds(p) for p in pids]
   n = batches * batch
   known = pids and None not in cpu + after
-  return {"rate": n / wall, "main_cpu_ms": 1e3 * own / n,
-          "worker_cpu_ms": 1e3 * sum(a - c for a, c in zip(after, cpu)) / n if known else None}
+  return {
+    "rate": n / wall,
+    "main_cpu_ms": 1e3 * own / n,
+    "worker_cpu_ms": 1e3 * sum(a - c for a, c in zip(after, cpu)) / n if known else None,
+  }
 
 
 def transform_rate(task: tasks.Task, data_dir: str, n: int = 200) -> float:
   """Images/s of decode + RandomResizedCrop + flip alone, in this process, without grain."""
-  source = sources.open_data_source(task.train, data_dir, decoders={
-      "image": tfds.decode.SkipDecoding()})
+  source = sources.open_data_source(
+    task.train, data_dir, decoders={"image": tfds.decode.SkipDecoding()}
+  )
   examples = [source[i % len(source)] for i in range(n)]
   settings = options(0)
-  crop = augment.RandomResizedCrop(IMAGE_SIZE, settings.crop_scale, settings.crop_ratio,
-                                   settings.hflip, settings.interpolation)
+  crop = augment.RandomResizedCrop(
+    IMAGE_SIZE, settings.crop_scale, settings.crop_ratio, settings.hflip, settings.interpolation
+  )
   rng = np.random.default_rng(0)
   start = time.perf_counter()
   for e in examples:
@@ -120,8 +133,14 @@ def transform_rate(task: tasks.Task, data_dir: str, n: int = 200) -> float:
   return n / (time.perf_counter() - start)
 
 
-def run(workers: list[int], batch: int = 64, batches: int = 24, repeats: int = 3,
-        data_dir: str | None = None, images: int = 512) -> dict:
+def run(
+  workers: list[int],
+  batch: int = 64,
+  batches: int = 24,
+  repeats: int = 3,
+  data_dir: str | None = None,
+  images: int = 512,
+) -> dict:
   tmp = None if data_dir else tempfile.mkdtemp(prefix="input_benchmark_")
   try:
     builder = prepare(data_dir or tmp, images)
@@ -141,37 +160,44 @@ def run(workers: list[int], batch: int = 64, batches: int = 24, repeats: int = 3
   median = {w: statistics.median(r) for w, r in rates.items()}
   top = max(workers)
   worker_cpu = {w: [r["worker_cpu_ms"] for r in rs] for w, rs in runs.items()}
-  worker_cpu = ({w: statistics.median(c) for w, c in worker_cpu.items()}
-                if all(None not in c for c in worker_cpu.values()) else None)
+  worker_cpu = (
+    {w: statistics.median(c) for w, c in worker_cpu.items()}
+    if all(None not in c for c in worker_cpu.values())
+    else None
+  )
   return {
-      "images_per_s": {str(w): round(median[w], 1) for w in workers},
-      "per_worker_images_per_s": {str(w): round(median[w] / w, 1) for w in workers},
-      "scaling_efficiency": round(median[top] / (top * median[min(workers)] / min(workers)), 3),
-      "scaling_efficiency_workers": top,
-      "spread": {str(w): [round(min(r), 1), round(max(r), 1)] for w, r in rates.items()},
-      "runs": {str(w): [round(x, 1) for x in r] for w, r in rates.items()},
-      "transform_images_per_s": round(per_core, 1),
-      "worker_cpu_ms_per_image": ({str(w): round(c, 3) for w, c in worker_cpu.items()}
-                                  if worker_cpu else None),
-      "cpu_scaling_efficiency": (round(worker_cpu[min(workers)] / worker_cpu[top], 3)
-                                 if worker_cpu else None),
-      "main_cpu_ms_per_image": {str(w): round(statistics.median(r["main_cpu_ms"] for r in rs), 3)
-                                for w, rs in runs.items()},
-      "cores": available_cores(),
-      "batch": batch,
-      "timed_batches": batches,
-      "repeats": repeats,
-      "image_size": IMAGE_SIZE,
-      "source_images": len(source),
-      "mean_source_size_wh": [round(float(v)) for v in shapes.mean(0)],
-      "mean_jpeg_kb": round(float(np.mean([len(e["image"]) for e in sample])) / 1024, 1),
+    "images_per_s": {str(w): round(median[w], 1) for w in workers},
+    "per_worker_images_per_s": {str(w): round(median[w] / w, 1) for w in workers},
+    "scaling_efficiency": round(median[top] / (top * median[min(workers)] / min(workers)), 3),
+    "scaling_efficiency_workers": top,
+    "spread": {str(w): [round(min(r), 1), round(max(r), 1)] for w, r in rates.items()},
+    "runs": {str(w): [round(x, 1) for x in r] for w, r in rates.items()},
+    "transform_images_per_s": round(per_core, 1),
+    "worker_cpu_ms_per_image": (
+      {str(w): round(c, 3) for w, c in worker_cpu.items()} if worker_cpu else None
+    ),
+    "cpu_scaling_efficiency": (
+      round(worker_cpu[min(workers)] / worker_cpu[top], 3) if worker_cpu else None
+    ),
+    "main_cpu_ms_per_image": {
+      str(w): round(statistics.median(r["main_cpu_ms"] for r in rs), 3) for w, rs in runs.items()
+    },
+    "cores": available_cores(),
+    "batch": batch,
+    "timed_batches": batches,
+    "repeats": repeats,
+    "image_size": IMAGE_SIZE,
+    "source_images": len(source),
+    "mean_source_size_wh": [round(float(v)) for v in shapes.mean(0)],
+    "mean_jpeg_kb": round(float(np.mean([len(e["image"]) for e in sample])) / 1024, 1),
   }
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workers", default=None,
-                      help="comma-separated worker counts (default: 1 .. the core count)")
+  parser.add_argument(
+    "--workers", default=None, help="comma-separated worker counts (default: 1 .. the core count)"
+  )
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--batches", type=int, default=24, help="timed batches per measurement")
   parser.add_argument("--repeats", type=int, default=3)
@@ -179,8 +205,9 @@ def main(argv=None) -> None:
   parser.add_argument("--data_dir", default=None, help="TFDS data_dir to build/reuse the data in")
   a = parser.parse_args(argv)
   tfds.disable_progress_bar()
-  workers = ([int(w) for w in a.workers.split(",")] if a.workers
-             else list(range(1, available_cores() + 1)))
+  workers = (
+    [int(w) for w in a.workers.split(",")] if a.workers else list(range(1, available_cores() + 1))
+  )
   with contextlib.redirect_stdout(sys.stderr):  # TFDS prints while building: stdout is the JSON
     result = run(workers, a.batch, a.batches, a.repeats, a.data_dir, a.images)
   print(json.dumps(result, indent=1))

@@ -63,8 +63,9 @@ class Setup:
   state, radii) is donated.
   """
 
-  def __init__(self, model: str, batch_size: int, dtype: str,
-               overrides: dict[str, Any] | None = None):
+  def __init__(
+    self, model: str, batch_size: int, dtype: str, overrides: dict[str, Any] | None = None
+  ):
     self.classes = num_classes(model)
     self.size = models.default_image_size(model)
     self.dtype = DTYPES[dtype]
@@ -79,8 +80,10 @@ class Setup:
 
   def _batch(self, key, n):
     kx, ky = jax.random.split(key)
-    return (jax.random.normal(kx, (n, self.size, self.size, 3), jnp.float32).astype(self.dtype),
-            jax.random.randint(ky, (n,), 0, self.classes))
+    return (
+      jax.random.normal(kx, (n, self.size, self.size, 3), jnp.float32).astype(self.dtype),
+      jax.random.randint(ky, (n,), 0, self.classes),
+    )
 
   def loss(self, params, batch):
     logits = self.model.apply({"params": params}, batch[0]).astype(jnp.float32)
@@ -91,10 +94,12 @@ class Setup:
 
   def optax_step(self, tx: optax.GradientTransformation) -> tuple[Callable, tuple]:
     """A plain optax step with ``tx`` (optimizers and the wrappers FTP, SPD, ...)."""
+
     def step(carry, batch):
       p, s = carry
       updates, s = tx.update(jax.grad(self.loss)(p, batch), s, p)
       return optax.apply_updates(p, updates), s
+
     return step, ((self._copy(self.params), tx.init(self.params)), self.train)
 
   def project_step(self) -> tuple[Callable, tuple]:
@@ -105,19 +110,23 @@ class Setup:
       (p, s), (batch, radii) = carry, fixed
       updates, s = chain.update(jax.grad(self.loss)(p, batch), s, p, radii=radii)
       return optax.apply_updates(p, updates), s
+
     return step, ((self._copy(self.params), chain.init(self.params)), (self.train, self.radii))
 
   def radii_step(self) -> tuple[Callable, tuple]:
     """TPGM at proj_freq=1, max_iters=1 (``trainable_projection``): SGD step, radius update
     on the candidate with a held-out batch, projection with the new radii."""
-    chain = optax.chain(self.sgd, tpgm_jax.trainable_projection(self.loss, norm="mars",
-                                                                mask=NOT_HEAD))
+    chain = optax.chain(
+      self.sgd, tpgm_jax.trainable_projection(self.loss, norm="mars", mask=NOT_HEAD)
+    )
 
     def step(carry, fixed):
       (p, s), (batch, held) = carry, fixed
-      updates, s = chain.update(jax.grad(self.loss)(p, batch), s, p,
-                                heldout=jax.tree.map(lambda x: x[None], held))
+      updates, s = chain.update(
+        jax.grad(self.loss)(p, batch), s, p, heldout=jax.tree.map(lambda x: x[None], held)
+      )
       return optax.apply_updates(p, updates), s
+
     return step, ((self._copy(self.params), chain.init(self.params)), (self.train, self.heldout))
 
 
@@ -126,6 +135,7 @@ class Method:
   """A timed step: ``build(setup) -> (step, (carry, fixed))``; its ratio divides by the
   ``baseline`` method's time (None: it is a baseline); ``memory_key`` prefixes its memory
   figures in the JSON (default: its name)."""
+
   build: Callable[[Setup], tuple[Callable, tuple]]
   baseline: str | None = "plain"
   memory_key: str | None = None
@@ -133,16 +143,23 @@ class Method:
 
 # One entry per timed method; a new method is one more entry.
 METHODS: dict[str, Method] = {
-    "plain": Method(lambda s: s.optax_step(s.sgd), baseline=None),
-    "project": Method(Setup.project_step, memory_key="tpgm"),
-    "radii_update": Method(Setup.radii_step),
-    "adam": Method(lambda s: s.optax_step(s.adam), baseline=None),
-    "ftp": Method(lambda s: s.optax_step(tpgm_jax.ftp(
-        optax.sgd(1e-2, momentum=0.9, nesterov=True), mask=NOT_HEAD))),
-    "spd": Method(lambda s: s.optax_step(tpgm_jax.spd(optax.adam(1e-4), weight_decay=0.5,
-                                                      mask=NOT_HEAD)), baseline="adam"),
-    "digrap": Method(lambda s: s.optax_step(optax.chain(
-        tpgm_jax.digrap(strength_lr=0.05, mask=NOT_HEAD), s.adam)), baseline="adam"),
+  "plain": Method(lambda s: s.optax_step(s.sgd), baseline=None),
+  "project": Method(Setup.project_step, memory_key="tpgm"),
+  "radii_update": Method(Setup.radii_step),
+  "adam": Method(lambda s: s.optax_step(s.adam), baseline=None),
+  "ftp": Method(
+    lambda s: s.optax_step(
+      tpgm_jax.ftp(optax.sgd(1e-2, momentum=0.9, nesterov=True), mask=NOT_HEAD)
+    )
+  ),
+  "spd": Method(
+    lambda s: s.optax_step(tpgm_jax.spd(optax.adam(1e-4), weight_decay=0.5, mask=NOT_HEAD)),
+    baseline="adam",
+  ),
+  "digrap": Method(
+    lambda s: s.optax_step(optax.chain(tpgm_jax.digrap(strength_lr=0.05, mask=NOT_HEAD), s.adam)),
+    baseline="adam",
+  ),
 }
 DEFAULT_METHODS = ("plain", "project", "radii_update", "adam", "ftp", "spd", "digrap")
 
@@ -152,13 +169,21 @@ def _compile(step: Callable, args: tuple) -> tuple[Any, dict[str, int]]:
   XLA's memory analysis of it."""
   compiled = jax.jit(step, donate_argnums=0).lower(*args).compile()
   m = compiled.memory_analysis()
-  return compiled, {"temp_bytes": int(m.temp_size_in_bytes),
-                    "argument_bytes": int(m.argument_size_in_bytes)}
+  return compiled, {
+    "temp_bytes": int(m.temp_size_in_bytes),
+    "argument_bytes": int(m.argument_size_in_bytes),
+  }
 
 
-def run(batch_size: int = 128, steps: int = 15, warmup: int = 3,
-        methods: tuple[str, ...] = DEFAULT_METHODS, model: str = "resnet_small",
-        dtype: str = "float32", overrides: dict[str, Any] | None = None) -> dict:
+def run(
+  batch_size: int = 128,
+  steps: int = 15,
+  warmup: int = 3,
+  methods: tuple[str, ...] = DEFAULT_METHODS,
+  model: str = "resnet_small",
+  dtype: str = "float32",
+  overrides: dict[str, Any] | None = None,
+) -> dict:
   """Times ``methods`` on ``model`` (a preset, with attribute ``overrides``); the JSON dict."""
   unknown = [n for n in methods if n not in METHODS]
   if unknown:
@@ -181,17 +206,17 @@ def run(batch_size: int = 128, steps: int = 15, warmup: int = 3,
   ms = {n: statistics.median(t) for n, t in times.items()}
   leaves = jax.tree.leaves(setup.params)
   result = {
-      "device": jax.devices()[0].device_kind,
-      "backend": jax.default_backend(),
-      "jax": jax.__version__,
-      "model": model,
-      "dtype": dtype,
-      "image_size": setup.size,
-      "batch": batch_size,
-      "rounds": steps,
-      "num_params": int(sum(x.size for x in leaves)),
-      "param_bytes": int(sum(x.nbytes for x in leaves)),
-      "radii_bytes": int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(setup.radii))),
+    "device": jax.devices()[0].device_kind,
+    "backend": jax.default_backend(),
+    "jax": jax.__version__,
+    "model": model,
+    "dtype": dtype,
+    "image_size": setup.size,
+    "batch": batch_size,
+    "rounds": steps,
+    "num_params": int(sum(x.size for x in leaves)),
+    "param_bytes": int(sum(x.nbytes for x in leaves)),
+    "radii_bytes": int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(setup.radii))),
   }
   for n in methods:
     result[f"{n}_ms"] = round(ms[n], 2)
@@ -213,11 +238,17 @@ def main(argv=None) -> None:
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--steps", type=int, default=15, help="timed rounds (median taken)")
   parser.add_argument("--warmup", type=int, default=3)
-  parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                      help=f"comma-separated, from {', '.join(METHODS)}")
+  parser.add_argument(
+    "--methods",
+    default=",".join(DEFAULT_METHODS),
+    help=f"comma-separated, from {', '.join(METHODS)}",
+  )
   a = parser.parse_args(argv)
-  print(json.dumps(run(a.batch, a.steps, a.warmup, tuple(a.methods.split(",")), a.model,
-                       a.dtype), indent=1))
+  print(
+    json.dumps(
+      run(a.batch, a.steps, a.warmup, tuple(a.methods.split(",")), a.model, a.dtype), indent=1
+    )
+  )
 
 
 if __name__ == "__main__":

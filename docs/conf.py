@@ -15,9 +15,9 @@ author = "tpgm_jax authors"
 release = version = tpgm_jax.__version__
 
 extensions = [
-    "sphinx.ext.autodoc",
-    "sphinx.ext.napoleon",
-    "myst_parser",
+  "sphinx.ext.autodoc",
+  "sphinx.ext.napoleon",
+  "myst_parser",
 ]
 
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}

@@ -25,17 +25,21 @@ def build(config: str, data_dir: str | None = None, preview: str | None = None) 
   from PIL import Image  # noqa: PLC0415
 
   from experiments.data.shapes import load_arrays, prepare  # noqa: PLC0415
+
   start = time.perf_counter()
   builder = prepare(config, data_dir)
-  print(f"{builder.info.full_name} ready in {builder.data_dir} ({time.perf_counter() - start:.1f} s)")
+  print(
+    f"{builder.info.full_name} ready in {builder.data_dir} ({time.perf_counter() - start:.1f} s)"
+  )
   for name, split in builder.info.splits.items():
     print(f"  {name}: {split.num_examples}")
   if preview:
     rows = []
     for d in builder.builder_config.domains:
       arr = load_arrays(builder, f"{d}_test")
-      order = np.concatenate([np.nonzero(arr["label"] == c)[0][:2]
-                              for c in builder.builder_config.classes])
+      order = np.concatenate(
+        [np.nonzero(arr["label"] == c)[0][:2] for c in builder.builder_config.classes]
+      )
       rows.append(np.concatenate(list(arr["image"][order]), axis=1))
     Image.fromarray(np.concatenate(rows, axis=0)).save(preview)
 

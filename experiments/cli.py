@@ -38,11 +38,14 @@ def _define_flags() -> None:
   if _FLAGS:
     return
   _FLAGS["config"] = config_flags.DEFINE_config_file(
-      "config", DEFAULT_CONFIG, "Experiment config file (configs as code).", lock_config=True)
+    "config", DEFAULT_CONFIG, "Experiment config file (configs as code).", lock_config=True
+  )
   _FLAGS["workdir"] = flags.DEFINE_string(
-      "workdir", "runs", "Directory for data, the pre-training cache, checkpoints and results.")
+    "workdir", "runs", "Directory for data, the pre-training cache, checkpoints and results."
+  )
   _FLAGS["coordinator_address"] = flags.DEFINE_string(
-      "coordinator_address", None, "host:port of process 0 (multi-process runs).")
+    "coordinator_address", None, "host:port of process 0 (multi-process runs)."
+  )
   _FLAGS["num_processes"] = flags.DEFINE_integer("num_processes", None, "Number of processes.")
   _FLAGS["process_id"] = flags.DEFINE_integer("process_id", None, "This process's index.")
 
@@ -53,15 +56,18 @@ Job = Callable[[ConfigDict, str], None]
 def _set_up_runtime() -> None:
   """Starts JAX's multi-process runtime if asked; logging (warnings only off process 0)."""
   from experiments.training import distributed  # noqa: PLC0415 (nothing touches JAX before)
-  distributed.initialize(*(_FLAGS[n].value
-                           for n in ("coordinator_address", "num_processes", "process_id")))
+
+  distributed.initialize(
+    *(_FLAGS[n].value for n in ("coordinator_address", "num_processes", "process_id"))
+  )
   import jax  # noqa: PLC0415
   import tensorflow_datasets as tfds  # noqa: PLC0415
 
   tfds.disable_progress_bar()
   level = logging.INFO if jax.process_index() == 0 else logging.WARNING
-  logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s",
-                      stream=sys.stderr, force=True)
+  logging.basicConfig(
+    level=level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr, force=True
+  )
   for noisy in ("absl", "orbax", "jax", "tensorflow_datasets", "etils"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -76,6 +82,7 @@ def main(job: Job) -> Callable[[list[str]], int]:
     _set_up_runtime()
     from experiments.plan import ConfigError  # noqa: PLC0415
     from experiments.training.loop import Preempted  # noqa: PLC0415
+
     try:
       job(_FLAGS["config"].value, _FLAGS["workdir"].value)
     except ConfigError as e:
@@ -93,10 +100,14 @@ def _flag_error(error: Exception) -> None:
   message = str(error)
   if isinstance(error, (AttributeError, KeyError)):
     overrides = [a for a in sys.argv[1:] if a.startswith(("--config.", "-config."))]
-    message = (f"the config has no field {message.strip(chr(34) + chr(39))!r} "
-               f"(--config overrides given: {' '.join(overrides)})")
-  print(f"FATAL Flags parsing error: {message}\nPass --helpshort or --helpfull to see help on "
-        "flags.", file=sys.stderr)
+    message = (
+      f"the config has no field {message.strip(chr(34) + chr(39))!r} "
+      f"(--config overrides given: {' '.join(overrides)})"
+    )
+  print(
+    f"FATAL Flags parsing error: {message}\nPass --helpshort or --helpfull to see help on flags.",
+    file=sys.stderr,
+  )
   sys.exit(1)
 
 

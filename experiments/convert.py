@@ -18,24 +18,39 @@ from absl import app, flags
 
 from experiments.models.convert import FORMATS, convert_command
 
-_FORMAT = flags.DEFINE_enum("format", None, list(FORMATS), "Source key layout: " + "; ".join(
-    f"{k} -> model {v.model}: {v.description}" for k, v in FORMATS.items()))
+_FORMAT = flags.DEFINE_enum(
+  "format",
+  None,
+  list(FORMATS),
+  "Source key layout: "
+  + "; ".join(f"{k} -> model {v.model}: {v.description}" for k, v in FORMATS.items()),
+)
 _INPUT = flags.DEFINE_string("input", None, "The .safetensors file.")
 _OUTPUT = flags.DEFINE_string("output", None, "Checkpoint directory to create.")
 _MODEL = flags.DEFINE_string("model", None, "Model preset (default: the format's).")
 _OVERRIDE = flags.DEFINE_multi_string(
-    "override", [], "Model attribute override KEY=VALUE, VALUE in JSON (e.g. depth=24); the "
-    "fine-tuning config needs the same --config.model.overrides.")
+  "override",
+  [],
+  "Model attribute override KEY=VALUE, VALUE in JSON (e.g. depth=24); the "
+  "fine-tuning config needs the same --config.model.overrides.",
+)
 _IMAGE_SIZE = flags.DEFINE_integer(
-    "image_size", None, "Input side (fixes the position embeddings; default: the preset's).")
+  "image_size", None, "Input side (fixes the position embeddings; default: the preset's)."
+)
 flags.mark_flags_as_required(["format", "input", "output"])
 
 
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}: every setting is a --flag")
-  return convert_command(_FORMAT.value, _INPUT.value, _OUTPUT.value, model=_MODEL.value,
-                         overrides=_OVERRIDE.value, image_size=_IMAGE_SIZE.value)
+  return convert_command(
+    _FORMAT.value,
+    _INPUT.value,
+    _OUTPUT.value,
+    model=_MODEL.value,
+    overrides=_OVERRIDE.value,
+    image_size=_IMAGE_SIZE.value,
+  )
 
 
 if __name__ == "__main__":

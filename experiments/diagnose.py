@@ -16,6 +16,7 @@ from experiments import cli
 def job(config: ConfigDict, workdir: str) -> None:
   """Measures, writes and prints the diagnostic."""
   from experiments.analysis import diagnose  # noqa: PLC0415 (imports JAX: after the runtime)
+
   _, text = diagnose.diagnose(config, workdir)
   print(text)
   print(f"written to {workdir}/{config.name}/diagnose_{config.diagnose.method}.md, .json, .png")

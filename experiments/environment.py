@@ -33,8 +33,7 @@ from experiments.types import PyTree
 #: The data streams of a run with seed ``s`` are seeded ``s + offset``: one table, so that
 #: no two streams share their order by accident. ``radii``: TPGM's held-out batches during
 #: fine-tuning; ``post_hoc``: post-hoc TPGM's; ``diagnose_*``: the radius-signal diagnostic.
-STREAM_SEEDS = {"train": 0, "radii": 1, "post_hoc": 2, "diagnose_train": 10,
-                "diagnose_heldout": 11}
+STREAM_SEEDS = {"train": 0, "radii": 1, "post_hoc": 2, "diagnose_train": 10, "diagnose_heldout": 11}
 
 
 def model_for(config: ConfigDict, task: tasks.Task, *, pretraining: bool = False):
@@ -51,9 +50,10 @@ def model_for(config: ConfigDict, task: tasks.Task, *, pretraining: bool = False
     return models.get_model(config.model.name, classes, **overrides)
   if "head" in config.train.get("constrained", ()) and not overrides.get("zero_shot_head"):
     raise ValueError(
-        "config.train.constrained includes the 'head' group, but the head is freshly "
-        "initialised: set config.model.overrides.zero_shot_head to the .npy file of class text "
-        "embeddings, or constrain only the backbone (--config.train.constrained=backbone)")
+      "config.train.constrained includes the 'head' group, but the head is freshly "
+      "initialised: set config.model.overrides.zero_shot_head to the .npy file of class text "
+      "embeddings, or constrain only the backbone (--config.train.constrained=backbone)"
+    )
   return models.get_model(config.model.name, task.num_classes, **overrides)
 
 
@@ -68,6 +68,7 @@ class Environment:
     mesh: the device mesh.
     progress: show progress bars (process 0).
   """
+
   plan: Plan
   task: tasks.Task
   model: Any
@@ -95,8 +96,7 @@ class Environment:
 
   def param_sharding(self, abstract_params: PyTree, mesh: Mesh) -> PyTree:
     """``distributed.param_sharding`` with ``config.shard_min_size``."""
-    return distributed.param_sharding(abstract_params, mesh,
-                                      min_size=self.config.shard_min_size)
+    return distributed.param_sharding(abstract_params, mesh, min_size=self.config.shard_min_size)
 
   def fresh_params(self, seed: int) -> PyTree:
     """:meth:`init_params`, sharded on the mesh like the train state's."""
@@ -113,27 +113,46 @@ class Environment:
     """Split role ``split`` of the task, opened once per environment and transform."""
     key = (split, augmented)
     if key not in self._opened:
-      self._opened[key] = sources.open_split(self.task, split, options=self.input_options,
-                                             data_dir=self.data_dir, train=augmented)
+      self._opened[key] = sources.open_split(
+        self.task, split, options=self.input_options, data_dir=self.data_dir, train=augmented
+      )
     return self._opened[key]
 
-  def batches(self, split: str, stream: str, seed: int, batch_size: int, *,
-              augmented: bool = False):
+  def batches(
+    self, split: str, stream: str, seed: int, batch_size: int, *, augmented: bool = False
+  ):
     """This process's rows of the global batches of ``split``, seeded by :data:`STREAM_SEEDS`
     (``seed + STREAM_SEEDS[stream]``): a random-access grain dataset."""
     layout = distributed.data_layout(batch_size, self.mesh)
-    return pipeline.train_batches(self.open(split, augmented=augmented), batch_size=batch_size,
-                                  seed=seed + STREAM_SEEDS[stream], **layout)
+    return pipeline.train_batches(
+      self.open(split, augmented=augmented),
+      batch_size=batch_size,
+      seed=seed + STREAM_SEEDS[stream],
+      **layout,
+    )
 
-  def stream(self, split: str, stream: str, seed: int, batch_size: int, *, start: int = 0,
-             augmented: bool = False) -> Iterator[dict[str, Any]]:
+  def stream(
+    self,
+    split: str,
+    stream: str,
+    seed: int,
+    batch_size: int,
+    *,
+    start: int = 0,
+    augmented: bool = False,
+  ) -> Iterator[dict[str, Any]]:
     """Batches ``start, start + 1, ...`` of :meth:`batches`, read ahead (close it when done)."""
     opened = self.open(split, augmented=augmented)
-    return pipeline.iterate(self.batches(split, stream, seed, batch_size, augmented=augmented),
-                            self.input_options, start=start, in_memory=opened.in_memory)
+    return pipeline.iterate(
+      self.batches(split, stream, seed, batch_size, augmented=augmented),
+      self.input_options,
+      start=start,
+      in_memory=opened.in_memory,
+    )
 
-  def heldout_batches(self, stream: str, seed: int, batch_size: int
-                      ) -> Callable[[int], Iterator[Any]]:
+  def heldout_batches(
+    self, stream: str, seed: int, batch_size: int
+  ) -> Callable[[int], Iterator[Any]]:
     """``take(n)`` yields the next ``n`` global held-out batches (not augmented)."""
     position = 0
 
@@ -151,9 +170,14 @@ class Environment:
 
   @functools.cached_property
   def evaluator(self) -> evaluation.Evaluator:
-    return evaluation.Evaluator(self.model, self.task, self.mesh, data_dir=self.data_dir,
-                                batch_size=self.config.data.eval_batch_size,
-                                options=self.input_options)
+    return evaluation.Evaluator(
+      self.model,
+      self.task,
+      self.mesh,
+      data_dir=self.data_dir,
+      batch_size=self.config.data.eval_batch_size,
+      options=self.input_options,
+    )
 
   def loss(self, params: PyTree, batch: dict[str, jax.Array]) -> jax.Array:
     """The fine-tuning model's cross-entropy on a batch (the held-out loss of TPGM)."""
@@ -167,18 +191,30 @@ class Environment:
     heldout = None
     if every:
       heldout = lambda batch_size, start: self.stream(  # noqa: E731
-          "heldout", "radii", spec.seed, batch_size, start=start)
+        "heldout", "radii", spec.seed, batch_size, start=start
+      )
     return loop.TrainSetup(
-        name=spec.name, train=spec.train, model=self.model, task=self.task, mesh=self.mesh,
-        seed=spec.seed, method=spec.method, section=spec.section,
-        init=functools.partial(self.init_params, model=self.model),
-        init_params=init_params, data=self._train_stream(spec.train.split, spec.seed),
-        heldout=heldout, metadata={"identity": spec.hash}, progress=self.progress,
-        param_sharding=self.param_sharding)
+      name=spec.name,
+      train=spec.train,
+      model=self.model,
+      task=self.task,
+      mesh=self.mesh,
+      seed=spec.seed,
+      method=spec.method,
+      section=spec.section,
+      init=functools.partial(self.init_params, model=self.model),
+      init_params=init_params,
+      data=self._train_stream(spec.train.split, spec.seed),
+      heldout=heldout,
+      metadata={"identity": spec.hash},
+      progress=self.progress,
+      param_sharding=self.param_sharding,
+    )
 
   def _train_stream(self, split: str, seed: int):
-    return lambda batch_size, start: self.stream(split, "train", seed, batch_size, start=start,
-                                                 augmented=True)
+    return lambda batch_size, start: self.stream(
+      split, "train", seed, batch_size, start=start, augmented=True
+    )
 
   def pretrained(self) -> os.PathLike:
     """The pre-trained params checkpoint, pre-training it first if it is not cached."""
@@ -186,19 +222,32 @@ class Environment:
     if spec.given or spec.checkpoint.exists():
       return spec.checkpoint
     model = model_for(self.config, self.task, pretraining=True)
-    loop.train(loop.TrainSetup(
-        name="pretrain", train=spec.train, model=model, task=self.task, mesh=self.mesh,
-        seed=spec.seed, init=functools.partial(self.init_params, model=model),
-        data=self._train_stream(spec.train.split, spec.seed), progress=self.progress,
-        metadata={"pretrain": spec.key}, param_sharding=self.param_sharding), spec.directory)
+    loop.train(
+      loop.TrainSetup(
+        name="pretrain",
+        train=spec.train,
+        model=model,
+        task=self.task,
+        mesh=self.mesh,
+        seed=spec.seed,
+        init=functools.partial(self.init_params, model=model),
+        data=self._train_stream(spec.train.split, spec.seed),
+        progress=self.progress,
+        metadata={"pretrain": spec.key},
+        param_sharding=self.param_sharding,
+      ),
+      spec.directory,
+    )
     return spec.checkpoint
 
   def compatible(self, plan: Plan) -> bool:
     """Whether ``plan`` runs on this environment's data, model, pre-training and mesh."""
     same = lambda key: plan.config[key].to_dict() == self.config[key].to_dict()  # noqa: E731
-    return (all(same(k) for k in ("data", "model", "pretrain", "mesh"))
-            and plan.config.shard_min_size == self.config.shard_min_size
-            and plan.workdir == self.plan.workdir)
+    return (
+      all(same(k) for k in ("data", "model", "pretrain", "mesh"))
+      and plan.config.shard_min_size == self.config.shard_min_size
+      and plan.workdir == self.plan.workdir
+    )
 
   def __post_init__(self):
     self._opened: dict[tuple[str, bool], sources.Split] = {}
@@ -210,6 +259,7 @@ def prepare_data(plan: Plan, task: tasks.Task) -> None:
     shapes.prepare(task.builtin_config, plan.data_dir)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # noqa: PLC0415
+
     multihost_utils.sync_global_devices("prepare_data")
 
 

@@ -17,11 +17,14 @@ from experiments import cli
 def job(config: ConfigDict, workdir: str) -> None:
   """Runs the main job and prints its results table."""
   from experiments import runner  # noqa: PLC0415 (imports JAX: after the runtime is set up)
+
   out = runner.train_and_evaluate(config, workdir)
   if out["paths"]:
     print(out["paths"]["markdown"].read_text())
-    print(f"wall time {out['info']['wall_s']:.0f} s; results in "
-          f"{', '.join(str(p) for p in out['paths'].values())}")
+    print(
+      f"wall time {out['info']['wall_s']:.0f} s; results in "
+      f"{', '.join(str(p) for p in out['paths'].values())}"
+    )
 
 
 if __name__ == "__main__":

@@ -42,8 +42,19 @@ _PRETRAIN_LOCATION = ("checkpoint", "cache_dir", "seed")
 #: The pre-training run's train config, before ``config.pretrain``'s own fields.
 PRETRAIN_DEFAULTS = dict(split="pretrain", log_every=25, checkpoint_every=100, max_to_keep=1)
 #: Top-level keys of an experiment config (configs/default.py); another key is a typo.
-TOP_LEVEL_KEYS = ("name", "seed", "data", "model", "pretrain", "train", "methods", "diagnose",
-                  "study", "mesh", "shard_min_size")
+TOP_LEVEL_KEYS = (
+  "name",
+  "seed",
+  "data",
+  "model",
+  "pretrain",
+  "train",
+  "methods",
+  "diagnose",
+  "study",
+  "mesh",
+  "shard_min_size",
+)
 
 
 class ConfigError(ValueError):
@@ -69,6 +80,7 @@ class PretrainSpec:
     train: the pre-training run's train config (``None`` when given).
     seed: the pre-training seed (one pre-trained model serves every fine-tuning seed).
   """
+
   checkpoint: epath.Path
   given: bool
   key: str
@@ -92,6 +104,7 @@ class RunSpec:
     hash: :func:`config_hash` of ``identity``, saved with the run's checkpoints and results.
     directory: ``<workdir>/<config.name>/<name>-<hash[:8]>``.
   """
+
   name: str
   method: methods.Method
   section: ConfigDict
@@ -120,6 +133,7 @@ class Plan:
     pretrain: the pre-training.
     runs: every run, dependencies first.
   """
+
   config: ConfigDict
   workdir: epath.Path
   root: epath.Path
@@ -149,8 +163,11 @@ def input_options(config: ConfigDict) -> InputOptions:
 
 def data_identity(config: ConfigDict) -> dict[str, Any]:
   """What in ``config.data`` determines the training batches (not paths, not loader speed)."""
-  return {"task": config.data.task, "task_kwargs": config.data.task_kwargs.to_dict(),
-          **input_options(config).augmentation()}
+  return {
+    "task": config.data.task,
+    "task_kwargs": config.data.task_kwargs.to_dict(),
+    **input_options(config).augmentation(),
+  }
 
 
 def get_task(config: ConfigDict) -> tasks.Task:
@@ -160,10 +177,13 @@ def get_task(config: ConfigDict) -> tasks.Task:
   mean, std = config.model.get("input_mean"), config.model.get("input_std")
   if mean is None and std is None:
     return task
-  if not (mean is not None and std is not None and len(mean) == len(std) == 3
-          and all(s > 0 for s in std)):
-    raise ValueError("config.model.input_mean and input_std must both be set, 3 values each "
-                     f"(std > 0), got {mean} and {std}")
+  if not (
+    mean is not None and std is not None and len(mean) == len(std) == 3 and all(s > 0 for s in std)
+  ):
+    raise ValueError(
+      "config.model.input_mean and input_std must both be set, 3 values each "
+      f"(std > 0), got {mean} and {std}"
+    )
   return dataclasses.replace(task, mean=tuple(map(float, mean)), std=tuple(map(float, std)))
 
 
@@ -187,8 +207,12 @@ def train_config(config: ConfigDict, name: str) -> ConfigDict:
 def pretrain_key(config: ConfigDict) -> str:
   """``<model>-<data>-<hash>`` naming the pre-trained checkpoint of ``config``."""
   section = {k: v for k, v in config.pretrain.to_dict().items() if k not in _PRETRAIN_LOCATION}
-  identity = {"model": config.model.to_dict(), "data": data_identity(config),
-              "pretrain": section, "seed": int(config.pretrain.seed)}
+  identity = {
+    "model": config.model.to_dict(),
+    "data": data_identity(config),
+    "pretrain": section,
+    "seed": int(config.pretrain.seed),
+  }
   data = "_".join([config.data.task, *map(str, config.data.task_kwargs.to_dict().values())])
   return f"{config.model.name}-{data}-{config_hash(identity)}"
 
@@ -204,8 +228,7 @@ def _pretrain_spec(config: ConfigDict, workdir: epath.Path) -> PretrainSpec:
   cache = config.pretrain.cache_dir or os.fspath(workdir / "cache")
   directory = epath.Path(cache) / "pretrained" / key
   train = ConfigDict(PRETRAIN_DEFAULTS)
-  train.update({k: v for k, v in config.pretrain.to_dict().items()
-                if k not in _PRETRAIN_LOCATION})
+  train.update({k: v for k, v in config.pretrain.to_dict().items() if k not in _PRETRAIN_LOCATION})
   return PretrainSpec(directory / "params", False, key, directory, train, seed)
 
 
@@ -242,12 +265,14 @@ def run_order(config: ConfigDict) -> list[str]:
 def _identity(config: ConfigDict, name: str, pretrained: str) -> dict[str, Any]:
   section = config.get(name)
   return {
-      "method": name, "seed": config.seed, "model": config.model.to_dict(),
-      "data": data_identity(config), "pretrained": pretrained,
-      "train": (train_config(config, name).to_dict()
-                if methods.get(name, config).trained else None),
-      "section": section.to_dict() if section is not None else None,
-      "deps": {d: _identity(config, d, pretrained) for d in dependencies(config, name)},
+    "method": name,
+    "seed": config.seed,
+    "model": config.model.to_dict(),
+    "data": data_identity(config),
+    "pretrained": pretrained,
+    "train": (train_config(config, name).to_dict() if methods.get(name, config).trained else None),
+    "section": section.to_dict() if section is not None else None,
+    "deps": {d: _identity(config, d, pretrained) for d in dependencies(config, name)},
   }
 
 
@@ -261,12 +286,16 @@ def _check_train(train: ConfigDict, where, data_parallel: int | None) -> None:
   for field in ("steps", "batch_size", "log_every"):
     _positive(train.get(field), where(field))
   if "hflip" in train:
-    raise ConfigError(f"config.{where('hflip')} is not read: the augmentation is set in the "
-                      "data section (config.data.hflip, experiments.data.options.InputOptions)")
+    raise ConfigError(
+      f"config.{where('hflip')} is not read: the augmentation is set in the "
+      "data section (config.data.hflip, experiments.data.options.InputOptions)"
+    )
   if data_parallel and train.batch_size % data_parallel:
-    raise ConfigError(f"config.{where('batch_size')}={train.batch_size} cannot be split over the "
-                      f"{data_parallel} data-parallel devices of config.mesh: use a multiple "
-                      f"of {data_parallel}")
+    raise ConfigError(
+      f"config.{where('batch_size')}={train.batch_size} cannot be split over the "
+      f"{data_parallel} data-parallel devices of config.mesh: use a multiple "
+      f"of {data_parallel}"
+    )
 
 
 def _data_parallel(config: ConfigDict, device_count: int | None) -> int | None:
@@ -282,8 +311,9 @@ def _data_parallel(config: ConfigDict, device_count: int | None) -> int | None:
   return shape.get("data", 1) if shape.get("data", 1) != -1 else device_count // fixed
 
 
-def make_plan(config: ConfigDict, workdir: str | os.PathLike, *,
-              device_count: int | None = None) -> Plan:
+def make_plan(
+  config: ConfigDict, workdir: str | os.PathLike, *, device_count: int | None = None
+) -> Plan:
   """Resolves ``config`` into a :class:`Plan`, checking it first (see the module docstring).
 
   Args:
@@ -299,9 +329,11 @@ def make_plan(config: ConfigDict, workdir: str | os.PathLike, *,
   config = ConfigDict(config.to_dict())
   unknown = sorted(set(config.keys()) - set(TOP_LEVEL_KEYS) - set(_method_sections(config)))
   if unknown:
-    raise ConfigError(f"unknown config key(s) {unknown}: neither a setting "
-                      f"({', '.join(TOP_LEVEL_KEYS)}) nor a method section "
-                      f"({', '.join(methods.METHODS)} or a section with a `method` field)")
+    raise ConfigError(
+      f"unknown config key(s) {unknown}: neither a setting "
+      f"({', '.join(TOP_LEVEL_KEYS)}) nor a method section "
+      f"({', '.join(methods.METHODS)} or a section with a `method` field)"
+    )
   try:
     options = input_options(config)
     task = get_task(config)
@@ -313,9 +345,10 @@ def make_plan(config: ConfigDict, workdir: str | os.PathLike, *,
   if not pretrain.given:
     if task.pretrain is None:
       raise ConfigError(
-          f"task {task.name!r} has no pre-training split: set config.pretrain.checkpoint to a "
-          "params checkpoint (experiments.training.weights.save_params format, "
-          "{'params': ...})")
+        f"task {task.name!r} has no pre-training split: set config.pretrain.checkpoint to a "
+        "params checkpoint (experiments.training.weights.save_params format, "
+        "{'params': ...})"
+      )
     _check_train(pretrain.train, lambda field: f"pretrain.{field}", parallel)
   try:
     order = run_order(config)
@@ -328,25 +361,47 @@ def make_plan(config: ConfigDict, workdir: str | os.PathLike, *,
     train = train_config(config, name) if method.trained else None
     if train is not None:
       overrides = (config.get(name) or {}).get("train") or {}
-      _check_train(train, lambda field, name=name, overrides=overrides: (
-          f"{name}.train.{field}" if field in overrides else f"train.{field}"), parallel)
+      _check_train(
+        train,
+        lambda field, name=name, overrides=overrides: (
+          f"{name}.train.{field}" if field in overrides else f"train.{field}"
+        ),
+        parallel,
+      )
     identity = _identity(config, name, config.pretrain.checkpoint or pretrain.key)
     digest = config_hash(identity)
     section = config.get(name)
-    runs.append(RunSpec(
-        name=name, method=method,
+    runs.append(
+      RunSpec(
+        name=name,
+        method=method,
         section=ConfigDict(section.to_dict()) if section is not None else ConfigDict(),
-        train=train, deps=dependencies(config, name), seed=int(config.seed), identity=identity,
-        hash=digest, directory=root / f"{name}-{digest[:8]}"))
-  return Plan(config=config, workdir=workdir, root=root,
-              data_dir=data_dir(config, workdir, task), input_options=options,
-              pretrain=pretrain, runs=tuple(runs))
+        train=train,
+        deps=dependencies(config, name),
+        seed=int(config.seed),
+        identity=identity,
+        hash=digest,
+        directory=root / f"{name}-{digest[:8]}",
+      )
+    )
+  return Plan(
+    config=config,
+    workdir=workdir,
+    root=root,
+    data_dir=data_dir(config, workdir, task),
+    input_options=options,
+    pretrain=pretrain,
+    runs=tuple(runs),
+  )
 
 
 def _method_sections(config: ConfigDict) -> list[str]:
   """The top-level keys that are method sections (a registered name or a ``method`` field)."""
-  return [k for k, v in config.items()
-          if k in methods.METHODS or (isinstance(v, ConfigDict) and "method" in v)]
+  return [
+    k
+    for k, v in config.items()
+    if k in methods.METHODS or (isinstance(v, ConfigDict) and "method" in v)
+  ]
 
 
 def with_fields(config: ConfigDict, **fields: Any) -> ConfigDict:

@@ -20,6 +20,7 @@ def job(config: ConfigDict, workdir: str) -> None:
   import jax  # noqa: PLC0415 (after the runtime is set up)
 
   from experiments import environment, plan  # noqa: PLC0415
+
   resolved = plan.make_plan(config, workdir, device_count=jax.device_count())
   env = environment.setup(resolved)
   print(f"pre-trained checkpoint: {env.pretrained()}")

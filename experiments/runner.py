@@ -48,6 +48,7 @@ class Outcome:
       methods with radii).
     timings: ``<name>_s`` -> seconds spent now.
   """
+
   results: dict[str, dict[str, float]]
   layers: dict[str, dict[str, Any]]
   timings: dict[str, float]
@@ -84,17 +85,22 @@ def depth_order(env: Environment) -> list[str]:
   return order
 
 
-def layer_summary(params: PyTree, anchor: PyTree, mask, radii: PyTree | None,
-                  order: list[str]) -> dict[str, Any]:
+def layer_summary(
+  params: PyTree, anchor: PyTree, mask, radii: PyTree | None, order: list[str]
+) -> dict[str, Any]:
   """Per constrained tensor, in ``order``: path, max per-channel (MARS) distance to the
   anchor, radius (or None)."""
   norms = tpgm_jax.distance_norms(params, anchor, "mars", mask)
   selected = dict(zip(tpgm_jax.leaf_paths(params), jax.tree.leaves(mask)))
   paths = [p for p in order if selected[p]]
-  flat_norms = dict(zip(tpgm_jax.leaf_paths(params),
-                        jax.tree.leaves(norms, is_leaf=lambda x: x is None)))
-  out = {"paths": paths, "distance": [float(np.max(flat_norms[p], initial=0.0)) for p in paths],
-         "radius": None}
+  flat_norms = dict(
+    zip(tpgm_jax.leaf_paths(params), jax.tree.leaves(norms, is_leaf=lambda x: x is None))
+  )
+  out = {
+    "paths": paths,
+    "distance": [float(np.max(flat_norms[p], initial=0.0)) for p in paths],
+    "radius": None,
+  }
   if radii is not None:
     flat_radii = dict(zip(tpgm_jax.leaf_paths(radii), jax.tree.leaves(radii)))
     out["radius"] = [float(flat_radii[p]) for p in paths]
@@ -107,16 +113,18 @@ def train_run(env: Environment, plan: Plan, spec: RunSpec) -> dict[str, Any]:
   return loop.train(setup, spec.directory)
 
 
-def run_method(env: Environment, plan: Plan, spec: RunSpec
-               ) -> tuple[dict[str, PyTree], dict[str, Any] | None]:
+def run_method(
+  env: Environment, plan: Plan, spec: RunSpec
+) -> tuple[dict[str, PyTree], dict[str, Any] | None]:
   """Trains or applies ``spec``: ``({row: params}, layer summary or None)``."""
   method, section = spec.method, spec.section
   if spec.trained:
     state = train_run(env, plan, spec)
     params, anchor = state["params"], loop.anchor_of(state)
     radii = method.radii(state["opt_state"]) if method.radii is not None else None
-    return {spec.name: params}, layer_summary(params, anchor, constrained_mask(spec, params),
-                                              radii, depth_order(env))
+    return {spec.name: params}, layer_summary(
+      params, anchor, constrained_mask(spec, params), radii, depth_order(env)
+    )
   fresh = env.fresh_params(spec.seed)
   if section.get("base"):
     # The alpha = 0 / radius = 0 end is another run with its own head (e.g. LP: the
@@ -128,15 +136,20 @@ def run_method(env: Environment, plan: Plan, spec: RunSpec
     pretrained = start_params(env, plan, source, fresh)
     mask = constrained_mask(source, fresh)
   ctx = methods.PostHocContext(
-      name=spec.name, section=section, pretrained=pretrained, constrained=mask,
-      finetuned=env.load(plan[section.source].directory / "params", fresh),
-      heldout_loss=env.loss,
-      heldout_batches=env.heldout_batches(
-          "post_hoc", spec.seed, section.get("batch_size", plan.config.train.batch_size)))
+    name=spec.name,
+    section=section,
+    pretrained=pretrained,
+    constrained=mask,
+    finetuned=env.load(plan[section.source].directory / "params", fresh),
+    heldout_loss=env.loss,
+    heldout_batches=env.heldout_batches(
+      "post_hoc", spec.seed, section.get("batch_size", plan.config.train.batch_size)
+    ),
+  )
   result = method.post_hoc(ctx)
   layers = None
   if result.radii is not None:
-    (_, params), = result.params.items()
+    ((_, params),) = result.params.items()
     layers = layer_summary(params, pretrained, mask, result.radii, depth_order(env))
   return result.params, layers
 
@@ -156,8 +169,10 @@ def execute(env: Environment, plan: Plan, names: list[str] | None = None) -> Out
   (``seconds``; the last session's, for a resumed run).
   """
   if not env.compatible(plan):
-    raise ValueError(f"plan {plan.config.name!r} needs another data, model, pre-training or "
-                     "mesh than the environment it was given")
+    raise ValueError(
+      f"plan {plan.config.name!r} needs another data, model, pre-training or "
+      "mesh than the environment it was given"
+    )
   primary = jax.process_index() == 0
   results, layers, timings = {}, {}, {}
   for spec in plan:
@@ -167,9 +182,12 @@ def execute(env: Environment, plan: Plan, names: list[str] | None = None) -> Out
     cached = cached_results(spec)
     if cached is None:
       variants, summary = run_method(env, plan, spec)
-      cached = {"identity": spec.hash,
-                "results": {r: env.evaluator(p) for r, p in variants.items()},
-                "layers": summary, "seconds": round(time.perf_counter() - t, 1)}
+      cached = {
+        "identity": spec.hash,
+        "results": {r: env.evaluator(p) for r, p in variants.items()},
+        "layers": summary,
+        "seconds": round(time.perf_counter() - t, 1),
+      }
       if primary:
         spec.directory.mkdir(parents=True, exist_ok=True)
         (spec.directory / "results.json").write_text(json.dumps(cached, indent=1))
@@ -181,44 +199,65 @@ def execute(env: Environment, plan: Plan, names: list[str] | None = None) -> Out
   return Outcome(results, layers, timings)
 
 
-def train_and_evaluate(config: ConfigDict, workdir: str | os.PathLike, *,
-                       mesh: Mesh | None = None, progress: bool = True) -> dict[str, Any]:
+def train_and_evaluate(
+  config: ConfigDict, workdir: str | os.PathLike, *, mesh: Mesh | None = None, progress: bool = True
+) -> dict[str, Any]:
   """The main job: ``{"results", "layers", "paths", "info"}`` (see the module docstring)."""
   t0 = time.perf_counter()
-  plan = make_plan(config, workdir, device_count=jax.device_count() if mesh is None
-                   else mesh.devices.size)
+  plan = make_plan(
+    config, workdir, device_count=jax.device_count() if mesh is None else mesh.devices.size
+  )
   env = environment.setup(plan, mesh=mesh, progress=progress)
   t_setup = time.perf_counter() - t0
   results: dict[str, dict[str, float]] = {}
   task, config = env.task, plan.config
   same_classes = task.pretrain_num_classes in (None, task.num_classes)
   if not plan.pretrain.given and same_classes:  # pre-trained here on these classes
-    results["pretrained"] = env.evaluator(env.load(plan.pretrain.checkpoint,
-                                                   env.fresh_params(config.seed)))
+    results["pretrained"] = env.evaluator(
+      env.load(plan.pretrain.checkpoint, env.fresh_params(config.seed))
+    )
   if config.model.overrides.get("zero_shot_head"):
     # CLIP's zero-shot classifier: the pre-trained backbone, the head initialised from the
     # class text embeddings (kept at init by dont_load), where FT and WiSE-FT start.
-    results["zero_shot"] = env.evaluator(env.load(plan.pretrain.checkpoint,
-                                                  env.fresh_params(config.seed),
-                                                  tuple(config.train.dont_load)))
+    results["zero_shot"] = env.evaluator(
+      env.load(
+        plan.pretrain.checkpoint, env.fresh_params(config.seed), tuple(config.train.dont_load)
+      )
+    )
   outcome = execute(env, plan)
   results.update(outcome.results)
   # The radii plot: every run with radii, and FT's distances as the reference.
   layers = {n: v for n, v in outcome.layers.items() if v["radius"] is not None or n == "ft"}
   timings = {"setup_s": round(t_setup, 1), **outcome.timings}
-  info = {"config": config.name, "workdir": os.fspath(workdir), "devices": jax.device_count(),
-          "wall_s": round(time.perf_counter() - t0, 1), "timings": timings}
-  notes = [f"Accuracy in %; ID test = {task.test}, OOD = the {', '.join(task.ood)} "
-           "test splits; val (model selection) and held-out (TPGM radii) are disjoint ID splits."]
+  info = {
+    "config": config.name,
+    "workdir": os.fspath(workdir),
+    "devices": jax.device_count(),
+    "wall_s": round(time.perf_counter() - t0, 1),
+    "timings": timings,
+  }
+  notes = [
+    f"Accuracy in %; ID test = {task.test}, OOD = the {', '.join(task.ood)} "
+    "test splits; val (model selection) and held-out (TPGM radii) are disjoint ID splits."
+  ]
   if "zero_shot" in results:
-    notes.append("`zero_shot`: the pre-trained model with the zero-shot head built from the "
-                 f"class text embeddings in {config.model.overrides.zero_shot_head}.")
+    notes.append(
+      "`zero_shot`: the pre-trained model with the zero-shot head built from the "
+      f"class text embeddings in {config.model.overrides.zero_shot_head}."
+    )
   if "pretrained" in results:
-    notes.append("`pretrained`: the pre-trained model with its own head (pre-trained on "
-                 f"{task.pretrain}); every method starts from its backbone with a new head.")
+    notes.append(
+      "`pretrained`: the pre-trained model with its own head (pre-trained on "
+      f"{task.pretrain}); every method starts from its backbone with a new head."
+    )
   elif not same_classes:
-    notes.append(f"The model was pre-trained on {task.pretrain}, whose classes differ from "
-                 "the task's; every method starts from its backbone with a new head.")
-  paths = (report.write(plan.root, results, list(task.ood), layers, info, notes)
-           if jax.process_index() == 0 else {})
+    notes.append(
+      f"The model was pre-trained on {task.pretrain}, whose classes differ from "
+      "the task's; every method starts from its backbone with a new head."
+    )
+  paths = (
+    report.write(plan.root, results, list(task.ood), layers, info, notes)
+    if jax.process_index() == 0
+    else {}
+  )
   return {"results": results, "layers": layers, "paths": paths, "info": info}

@@ -39,7 +39,7 @@ def adam_step(g, m, v, t, lr=1e-2, b1=0.9, b2=0.999, eps=1e-8):
   """One Adam step of a scalar: ``(update, m, v)`` (``t`` counts from 1)."""
   m = b1 * m + (1 - b1) * g
   v = b2 * v + (1 - b2) * g * g
-  mh, vh = m / (1 - b1 ** t), v / (1 - b2 ** t)
+  mh, vh = m / (1 - b1**t), v / (1 - b2**t)
   return -lr * mh / (np.sqrt(vh) + eps), m, v
 
 
@@ -58,12 +58,17 @@ class TrainableProjection:
     self.inner, self.anchors, self.loss, self.norm, self.lr = inner, anchors, loss, norm, lr
     self.radii, self.m, self.v, self.t, self.iters = {}, {}, {}, 0, 0
     # "anchor" units: Adam steps r / u with u the anchor's own largest norm (1 if zero).
-    self.unit = {i: (float(np.max(norms(a, norm))) or 1.0) if units == "anchor" else 1.0
-                 for i, a in enumerate(anchors) if a is not None}
+    self.unit = {
+      i: (float(np.max(norms(a, norm))) or 1.0) if units == "anchor" else 1.0
+      for i, a in enumerate(anchors)
+      if a is not None
+    }
 
   def _projected(self, cands, radii):
-    return [c if a is None else project(c, a, radii[i], self.norm)
-            for i, (c, a) in enumerate(zip(cands, self.anchors))]
+    return [
+      c if a is None else project(c, a, radii[i], self.norm)
+      for i, (c, a) in enumerate(zip(cands, self.anchors))
+    ]
 
   def step(self, ws, gs, batches=None):
     cands = [w + self.inner.update(i, w, g) for i, (w, g) in enumerate(zip(ws, gs))]
@@ -80,11 +85,14 @@ class TrainableProjection:
         h = 1e-5 * max(radii[i], 1e-3)
         up, down = dict(radii), dict(radii)
         up[i], down[i] = radii[i] + h, radii[i] - h
-        g = (self.loss(self._projected(cands, up), batch)
-             - self.loss(self._projected(cands, down), batch)) / (2 * h)
+        g = (
+          self.loss(self._projected(cands, up), batch)
+          - self.loss(self._projected(cands, down), batch)
+        ) / (2 * h)
         # d loss / d(r / unit) = unit * d loss / d r; the step is taken in those units.
-        u, self.m[i], self.v[i] = adam_step(g * self.unit[i], self.m[i], self.v[i], self.iters,
-                                            self.lr)
+        u, self.m[i], self.v[i] = adam_step(
+          g * self.unit[i], self.m[i], self.v[i], self.iters, self.lr
+        )
         self.radii[i] = radii[i] + u * self.unit[i]
     self.t += 1
     return self._projected(cands, self.radii)

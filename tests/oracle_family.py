@@ -74,13 +74,15 @@ class FTP:
       if self.t == 1:
         gamma, self.m[i], self.v[i] = EPS, 0.0, 0.0
       else:
-        h = float(np.sum(np.sum(g * self.c_prev[i], axis=_reduce_axes(g, self.norm)) / self.n_prev[i]))
+        h = float(
+          np.sum(np.sum(g * self.c_prev[i], axis=_reduce_axes(g, self.norm)) / self.n_prev[i])
+        )
         if h > 0:
           h *= self.k
         self.m[i] = 0.9 * self.m[i] + 0.1 * h
         self.v[i] = 0.999 * self.v[i] + 0.001 * h * h
-        m_hat = self.m[i] / (1 - 0.9 ** self.t)
-        v_hat = self.v[i] / (1 - 0.999 ** self.t)
+        m_hat = self.m[i] / (1 - 0.9**self.t)
+        v_hat = self.v[i] / (1 - 0.999**self.t)
         gamma = self.gamma[i] - 1e-2 * m_hat / (np.sqrt(v_hat) + EPS)
         gamma = min(max(gamma, EPS), float(np.max(n)))
       self.gamma[i], self.c_prev[i], self.n_prev[i] = gamma, c, n
@@ -137,8 +139,8 @@ class DiGraP:
         h = float(np.sum(g * q)) / (np.linalg.norm(g) * np.linalg.norm(q) + EPS)
         self.m[i] = 0.9 * self.m[i] + 0.1 * h
         self.v[i] = 0.999 * self.v[i] + 0.001 * h * h
-        m_hat = self.m[i] / (1 - 0.9 ** self.t)
-        v_hat = self.v[i] / (1 - 0.999 ** self.t)
+        m_hat = self.m[i] / (1 - 0.9**self.t)
+        v_hat = self.v[i] / (1 - 0.999**self.t)
         omega = self.omega[i] - self.lr * m_hat / (np.sqrt(v_hat) + EPS)
         omega = min(max(omega, 0.0), self.kappa)
       self.omega[i], self.p_prev[i] = omega, p

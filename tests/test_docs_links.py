@@ -35,15 +35,17 @@ def _links():
         yield path, target
 
 
-@pytest.mark.parametrize("path,target", list(_links()),
-                         ids=lambda x: x.name if isinstance(x, pathlib.Path) else x)
+@pytest.mark.parametrize(
+  "path,target", list(_links()), ids=lambda x: x.name if isinstance(x, pathlib.Path) else x
+)
 def test_relative_link_resolves(path, target):
   file, _, anchor = target.partition("#")
   resolved = (path.parent / file).resolve() if file else path
   assert resolved.exists(), f"{path.relative_to(ROOT)}: {target} -> {resolved} does not exist"
   if anchor and resolved.suffix == ".md":
     assert anchor in _anchors(resolved), (
-        f"{path.relative_to(ROOT)}: no heading #{anchor} in {resolved.relative_to(ROOT)}")
+      f"{path.relative_to(ROOT)}: no heading #{anchor} in {resolved.relative_to(ROOT)}"
+    )
 
 
 def test_links_found():

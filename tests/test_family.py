@@ -7,21 +7,26 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 import tpgm_jax
-from tpgm_jax import _digrap, _ftp, _interpolate, _l2sp, _spd
 from tests import oracle_family as oracle
 from tests import test_sharding
 from tests.test_projection import make_tree
+from tpgm_jax import _digrap, _ftp, _interpolate, _l2sp, _spd
 
 NOT_HEAD = tpgm_jax.path_mask(exclude=r"params/head/.*")
-not_head_path = lambda path: not path.startswith("params/head")
+
+
+def not_head_path(path):
+  return not path.startswith("params/head")
 
 
 def _grads(params, t, scale=1.0):
   rng = np.random.default_rng(100 + t)
-  leaves = [(scale * rng.normal(size=np.shape(p))).astype(np.float32) for p in jax.tree.leaves(params)]
+  leaves = [
+    (scale * rng.normal(size=np.shape(p))).astype(np.float32) for p in jax.tree.leaves(params)
+  ]
   return jax.tree.unflatten(jax.tree.structure(params), [jnp.asarray(g) for g in leaves])
 
 
@@ -29,6 +34,7 @@ def _step_fn(tx):
   def step(p, s, g):
     u, s = tx.update(g, s, p)
     return optax.apply_updates(p, u), s
+
   return jax.jit(step)
 
 
@@ -59,18 +65,34 @@ def _assert_close(got, want, rtol=1e-4, atol=2e-6):
 # ----------------------------------------------------------------------------- FTP
 
 INNER = {  # name: (optax optimizer, NumPy oracle)
-    "sgdp": (lambda: optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9, nesterov=True)),
-             lambda: oracle.SGD(0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)),
-    "adamp": (lambda: optax.adamw(0.05, weight_decay=1e-2),
-              lambda: oracle.AdamW(0.05, weight_decay=1e-2)),
-    "sgd_small_lr": (lambda: optax.sgd(1e-4, momentum=0.9),  # gamma reaches max(norms): ratio 1
-                     lambda: oracle.SGD(1e-4, momentum=0.9)),
+  "sgdp": (
+    lambda: optax.chain(
+      optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9, nesterov=True)
+    ),
+    lambda: oracle.SGD(0.1, momentum=0.9, nesterov=True, weight_decay=5e-4),
+  ),
+  "adamp": (
+    lambda: optax.adamw(0.05, weight_decay=1e-2),
+    lambda: oracle.AdamW(0.05, weight_decay=1e-2),
+  ),
+  "sgd_small_lr": (
+    lambda: optax.sgd(1e-4, momentum=0.9),  # gamma reaches max(norms): ratio 1
+    lambda: oracle.SGD(1e-4, momentum=0.9),
+  ),
 }
 
 
-@pytest.mark.parametrize("inner,k,norm", [
-    ("sgdp", 1.0, "mars"), ("sgdp", 0.3, "l2"), ("adamp", 1.0, "mars"),
-    ("adamp", 0.3, "mars"), ("adamp", 1.0, "l2"), ("sgd_small_lr", 1.0, "mars")])
+@pytest.mark.parametrize(
+  "inner,k,norm",
+  [
+    ("sgdp", 1.0, "mars"),
+    ("sgdp", 0.3, "l2"),
+    ("adamp", 1.0, "mars"),
+    ("adamp", 0.3, "mars"),
+    ("adamp", 1.0, "l2"),
+    ("sgd_small_lr", 1.0, "mars"),
+  ],
+)
 def test_ftp_matches_numpy_reference(inner, k, norm):
   params, _ = make_tree("nested")
   steps = 6
@@ -130,8 +152,10 @@ def test_ftp_tensor_at_anchor_stays_finite():
 @pytest.mark.parametrize("kind", ("scalar", "tuple_list", "empty"))
 def test_ftp_and_spd_on_other_trees(kind):
   params, _ = make_tree(kind)
-  for tx in (tpgm_jax.ftp(optax.sgd(0.1, momentum=0.9)),
-             tpgm_jax.spd(optax.sgd(0.1), weight_decay=0.5, anchor="zeros")):
+  for tx in (
+    tpgm_jax.ftp(optax.sgd(0.1, momentum=0.9)),
+    tpgm_jax.spd(optax.sgd(0.1), weight_decay=0.5, anchor="zeros"),
+  ):
     out, state = _run(tx, params, 2)
     assert jax.tree.structure(out) == jax.tree.structure(params)
     for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(params)):
@@ -140,17 +164,23 @@ def test_ftp_and_spd_on_other_trees(kind):
 
 # ----------------------------------------------------------------------------- SPD
 
+
 @pytest.mark.parametrize("anchor", ("init", "zeros"))
 @pytest.mark.parametrize("inner", ("adam", "sgd"))
 def test_spd_matches_numpy_reference(anchor, inner):
   params, pre = make_tree("nested")
-  make_inner = {"adam": (lambda: optax.adam(0.05), lambda: oracle.AdamW(0.05)),
-                "sgd": (lambda: optax.sgd(0.1, momentum=0.9), lambda: oracle.SGD(0.1, momentum=0.9))}[inner]
+  make_inner = {
+    "adam": (lambda: optax.adam(0.05), lambda: oracle.AdamW(0.05)),
+    "sgd": (lambda: optax.sgd(0.1, momentum=0.9), lambda: oracle.SGD(0.1, momentum=0.9)),
+  }[inner]
   tx = tpgm_jax.spd(make_inner[0](), weight_decay=0.5, mask=NOT_HEAD, anchor=anchor)
   got, state = _run(tx, params, 5, anchor=pre)
   opt = make_inner[1]()
-  w0s = _anchors(pre, NOT_HEAD) if anchor == "init" else [
-      0.0 if not_head_path(p) else None for p in tpgm_jax.leaf_paths(params)]
+  w0s = (
+    _anchors(pre, NOT_HEAD)
+    if anchor == "init"
+    else [0.0 if not_head_path(p) else None for p in tpgm_jax.leaf_paths(params)]
+  )
   ws, decayed = _f64(params), 0
   for t in range(5):
     gs = _f64(_grads(params, t))
@@ -177,7 +207,9 @@ def test_spd_condition_both_ways():
   # <g, w - w0> = 1 > 0 and the step moves away (|c - w0| = 1.345 > 1): decayed.
   c = np.array([0.9, 1.0])
   ratio = (np.linalg.norm(c) - 1.0) / np.linalg.norm(c)
-  np.testing.assert_allclose(_spd_one_step([1.0, 0.0], [1.0, -10.0]), c - 0.5 * ratio * c, rtol=1e-6)
+  np.testing.assert_allclose(
+    _spd_one_step([1.0, 0.0], [1.0, -10.0]), c - 0.5 * ratio * c, rtol=1e-6
+  )
   # <g, w - w0> = -1 < 0: plain step even though it moves away.
   np.testing.assert_allclose(_spd_one_step([1.0, 0.0], [-1.0, -10.0]), [1.1, 1.0], rtol=1e-6)
   # Aligned but the step moves closer: ratio clipped to 0, plain step.
@@ -194,6 +226,7 @@ def test_spd_candidate_or_tensor_at_anchor_is_finite():
 
 
 # ----------------------------------------------------------------------------- DiGraP
+
 
 def _oscillating_grads(params, t, scale=1.0):
   """Gradients flipping sign every step plus noise: the hyper-gradient is negative."""
@@ -212,8 +245,11 @@ def test_digrap_matches_numpy_reference(anchor, grads):
   step, p = _step_fn(tx), params
   for t in range(steps):
     p, state = step(p, state, make_grads(params, t))
-  w0s = _anchors(pre, NOT_HEAD) if anchor == "init" else [
-      0.0 if not_head_path(q) else None for q in tpgm_jax.leaf_paths(params)]
+  w0s = (
+    _anchors(pre, NOT_HEAD)
+    if anchor == "init"
+    else [0.0 if not_head_path(q) else None for q in tpgm_jax.leaf_paths(params)]
+  )
   ref, opt, ws = oracle.DiGraP(w0s, lr), oracle.AdamW(0.05), _f64(params)
   modified = 0
   for t in range(steps):
@@ -237,16 +273,21 @@ def test_digrap_first_step_and_head_unchanged():
   tx = tpgm_jax.digrap(strength_lr=0.1, mask=NOT_HEAD)
   state = tx.init(params)
   grads = _grads(params, 0)
-  out, state = tx.update(grads, state, params)        # r = 0: nothing to project
+  out, state = tx.update(grads, state, params)  # r = 0: nothing to project
   for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(grads)):
     np.testing.assert_array_equal(a, b)
   assert isinstance(state.omega["params"]["head"]["kernel"], optax.MaskedNode)
   moved = jax.tree.map(lambda x: x + 1.0, params)
-  out, _ = tx.update(jax.tree.map(lambda g: -jnp.abs(g), grads), state, moved)  # conflicts everywhere
-  np.testing.assert_array_equal(out["params"]["head"]["kernel"], -jnp.abs(grads["params"]["head"]["kernel"]))
+  out, _ = tx.update(
+    jax.tree.map(lambda g: -jnp.abs(g), grads), state, moved
+  )  # conflicts everywhere
+  np.testing.assert_array_equal(
+    out["params"]["head"]["kernel"], -jnp.abs(grads["params"]["head"]["kernel"])
+  )
 
 
 # ------------------------------------------------------------------- L2-SP, WiSE-FT
+
 
 def test_l2sp_matches_numpy_reference():
   params, pre = make_tree("nested")
@@ -256,8 +297,10 @@ def test_l2sp_matches_numpy_reference():
   opt, w0s, ws = oracle.SGD(0.1, momentum=0.9), _anchors(pre, NOT_HEAD), _f64(params)
   for t in range(4):
     gs = _f64(_grads(params, t))
-    ws = [w + opt.update(i, w, oracle.l2sp_grad(g, w, w0, 0.1, 0.01))
-          for i, (w, w0, g) in enumerate(zip(ws, w0s, gs))]
+    ws = [
+      w + opt.update(i, w, oracle.l2sp_grad(g, w, w0, 0.1, 0.01))
+      for i, (w, w0, g) in enumerate(zip(ws, w0s, gs))
+    ]
   _assert_close(got, ws)
 
 
@@ -267,8 +310,12 @@ def test_interpolate_formula_head_and_dtypes():
   pre_values = dict(zip(tpgm_jax.leaf_paths(pre), _f64(pre)))
   pre["params"]["head"] = {"kernel": None, "bias": optax.MaskedNode()}  # a new head
   out = tpgm_jax.interpolate(ft, pre, alpha=0.3)
-  want = [oracle.interpolate(None if p.startswith("params/head") or p == "step" else pre_values[p], w, 0.3)
-          for p, w in zip(tpgm_jax.leaf_paths(ft), _f64(ft))]
+  want = [
+    oracle.interpolate(
+      None if p.startswith("params/head") or p == "step" else pre_values[p], w, 0.3
+    )
+    for p, w in zip(tpgm_jax.leaf_paths(ft), _f64(ft))
+  ]
   _assert_close(out, want, rtol=1e-6)
   assert out["step"].dtype == jnp.int32 and int(out["step"]) == 7
   # alpha may be traced; a new alpha does not recompile; masks exclude tensors.
@@ -277,26 +324,34 @@ def test_interpolate_formula_head_and_dtypes():
   def fn(ft, pre, alpha):
     traces.append(1)
     return tpgm_jax.interpolate(ft, pre, alpha=alpha, mask=tpgm_jax.path_mask(".*Dense_0.*"))
+
   jitted = jax.jit(fn)
   jitted(ft, pre, 0.0)
   out = jitted(ft, pre, 1.0)
   assert len(traces) == 1
   np.testing.assert_array_equal(out["params"]["Conv_0"]["kernel"], ft["params"]["Conv_0"]["kernel"])
   out = tpgm_jax.interpolate(ft, pre, alpha=0.0)
-  np.testing.assert_array_equal(out["params"]["Dense_0"]["kernel"], pre["params"]["Dense_0"]["kernel"])
+  np.testing.assert_array_equal(
+    out["params"]["Dense_0"]["kernel"], pre["params"]["Dense_0"]["kernel"]
+  )
   bf = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x, ft)
-  assert tpgm_jax.interpolate(bf, pre, alpha=0.5)["params"]["Dense_0"]["kernel"].dtype == jnp.bfloat16
+  assert (
+    tpgm_jax.interpolate(bf, pre, alpha=0.5)["params"]["Dense_0"]["kernel"].dtype == jnp.bfloat16
+  )
 
 
 # ------------------------------------------------------------- dtypes, jit, errors
+
 
 def test_bf16_params():
   params, pre = make_tree("nested")
   bf = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
   as_f32 = jax.tree.map(lambda x: x.astype(jnp.float32), bf)
-  for make in (lambda: tpgm_jax.ftp(optax.sgd(0.1, momentum=0.9, nesterov=True), mask=NOT_HEAD),
-               lambda: tpgm_jax.spd(optax.adam(0.05), weight_decay=0.5, mask=NOT_HEAD),
-               lambda: optax.chain(tpgm_jax.digrap(strength_lr=0.5, mask=NOT_HEAD), optax.adam(0.05))):
+  for make in (
+    lambda: tpgm_jax.ftp(optax.sgd(0.1, momentum=0.9, nesterov=True), mask=NOT_HEAD),
+    lambda: tpgm_jax.spd(optax.adam(0.05), weight_decay=0.5, mask=NOT_HEAD),
+    lambda: optax.chain(tpgm_jax.digrap(strength_lr=0.5, mask=NOT_HEAD), optax.adam(0.05)),
+  ):
     out, state = _run(make(), bf, 3, dtype=jnp.bfloat16)
     ref, _ = _run(make(), as_f32, 3)
     for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
@@ -310,16 +365,19 @@ def test_bf16_params():
 @pytest.mark.parametrize("method", ("ftp", "spd", "l2sp", "digrap"))
 def test_jit_no_recompile_and_checkpointable_state(method):
   params, _ = make_tree("nested")
-  tx = {"ftp": lambda: tpgm_jax.ftp(optax.sgd(0.1)),
-        "spd": lambda: tpgm_jax.spd(optax.adam(0.1), weight_decay=0.1),
-        "l2sp": lambda: optax.chain(tpgm_jax.l2sp(0.1), optax.sgd(0.1)),
-        "digrap": lambda: optax.chain(tpgm_jax.digrap(strength_lr=0.1), optax.adam(0.1))}[method]()
+  tx = {
+    "ftp": lambda: tpgm_jax.ftp(optax.sgd(0.1)),
+    "spd": lambda: tpgm_jax.spd(optax.adam(0.1), weight_decay=0.1),
+    "l2sp": lambda: optax.chain(tpgm_jax.l2sp(0.1), optax.sgd(0.1)),
+    "digrap": lambda: optax.chain(tpgm_jax.digrap(strength_lr=0.1), optax.adam(0.1)),
+  }[method]()
   traces = []
 
   def step(p, s, g):
     traces.append(1)
     u, s = tx.update(g, s, p)
     return optax.apply_updates(p, u), s
+
   step = jax.jit(step)
   state = tx.init(params)
   p1, s1 = step(params, state, _grads(params, 0))
@@ -339,18 +397,31 @@ def test_errors():
   bad = jax.tree.map(lambda x: x, params)
   bad["params"]["Dense_0"]["kernel"] = jnp.zeros((4, 4))
   missing = {"params": {k: v for k, v in params["params"].items() if k != "head"}}
-  for tx in (tpgm_jax.ftp(optax.sgd(0.1)), tpgm_jax.spd(optax.adam(0.1), weight_decay=0.1),
-             tpgm_jax.l2sp(0.1), tpgm_jax.digrap(strength_lr=0.1)):
+  for tx in (
+    tpgm_jax.ftp(optax.sgd(0.1)),
+    tpgm_jax.spd(optax.adam(0.1), weight_decay=0.1),
+    tpgm_jax.l2sp(0.1),
+    tpgm_jax.digrap(strength_lr=0.1),
+  ):
     state = tx.init(params)
     with pytest.raises(ValueError, match="needs the params: call update"):
       tx.update(grads, state)
     with pytest.raises(ValueError, match="needs the params: call tx.init"):
       tx.init(None)
-    with pytest.raises(ValueError, match=r"anchor at 'params/Dense_0/kernel' has shape \(4, 3\) but params have \(4, 4\)"):
+    with pytest.raises(
+      ValueError,
+      match=r"anchor at 'params/Dense_0/kernel' has shape \(4, 3\) but params have \(4, 4\)",
+    ):
       tx.update(grads, state, bad)
-    with pytest.raises(ValueError, match=r"anchor must have the same tree structure as params: not in params: \[.params/head/bias"):
+    with pytest.raises(
+      ValueError,
+      match=r"anchor must have the same tree structure as params: "
+      r"not in params: \[.params/head/bias",
+    ):
       tx.update(grads, state, missing)
-  with pytest.raises(ValueError, match="grads must have the same tree structure as params: missing from grads"):
+  with pytest.raises(
+    ValueError, match="grads must have the same tree structure as params: missing from grads"
+  ):
     tpgm_jax.ftp(optax.sgd(0.1)).update(missing, tpgm_jax.ftp(optax.sgd(0.1)).init(params), params)
   with pytest.raises(ValueError, match="norm must be one of"):
     tpgm_jax.ftp(optax.sgd(0.1), norm="l1")
@@ -362,35 +433,75 @@ def test_errors():
     tpgm_jax.interpolate(params, bad, alpha=0.5)
   with pytest.raises(ValueError, match="alpha must be a scalar"):
     tpgm_jax.interpolate(params, params, alpha=jnp.ones(2))
-  with pytest.raises(TypeError):  # alpha is keyword-only: the old (pretrained, finetuned, alpha) call fails
+  with pytest.raises(
+    TypeError
+  ):  # alpha is keyword-only: the old (pretrained, finetuned, alpha) call fails
     tpgm_jax.interpolate(params, params, 0.5)
 
 
-@pytest.mark.parametrize("make,message", [
+@pytest.mark.parametrize(
+  "make,message",
+  [
     (lambda: tpgm_jax.ftp(optax.sgd(0.1), k=-1.0), r"k must be a finite number >= 0, got -1.0"),
-    (lambda: tpgm_jax.ftp(optax.sgd(0.1), k=float("nan")), r"k must be a finite number >= 0, got nan"),
+    (
+      lambda: tpgm_jax.ftp(optax.sgd(0.1), k=float("nan")),
+      r"k must be a finite number >= 0, got nan",
+    ),
     (lambda: tpgm_jax.ftp(0.1), r"ftp wraps an optax optimizer.*got 0.1"),
-    (lambda: tpgm_jax.spd(optax.adam(0.1), weight_decay=-0.5), r"weight_decay must be a finite number >= 0"),
-    (lambda: tpgm_jax.spd(optax.adam(0.1), weight_decay=float("inf")), r"weight_decay must be a finite"),
-    (lambda: tpgm_jax.spd(optax.adam(0.1), weight_decay="0.1"), r"weight_decay must be a real number"),
+    (
+      lambda: tpgm_jax.spd(optax.adam(0.1), weight_decay=-0.5),
+      r"weight_decay must be a finite number >= 0",
+    ),
+    (
+      lambda: tpgm_jax.spd(optax.adam(0.1), weight_decay=float("inf")),
+      r"weight_decay must be a finite",
+    ),
+    (
+      lambda: tpgm_jax.spd(optax.adam(0.1), weight_decay="0.1"),
+      r"weight_decay must be a real number",
+    ),
     (lambda: tpgm_jax.l2sp(-0.1), r"alpha must be a finite number >= 0, got -0.1"),
     (lambda: tpgm_jax.l2sp(0.1, beta=float("nan")), r"beta must be a finite number >= 0"),
     (lambda: tpgm_jax.digrap(strength_lr=0.0), r"strength_lr must be a finite number > 0, got 0.0"),
     (lambda: tpgm_jax.digrap(strength_lr=-1e-2), r"strength_lr must be a finite number > 0"),
-    (lambda: tpgm_jax.digrap(strength_lr=0.1, max_strength=0.0), r"max_strength must be a finite number > 0"),
-    (lambda: tpgm_jax.digrap(strength_lr=0.1, anchor="pretrained"), r"anchor must be one of \('init', 'zeros'\)"),
-    (lambda: tpgm_jax.interpolate({"w": jnp.ones(2)}, {"w": jnp.ones(2)}, alpha=float("nan")),
-     r"alpha must be a finite number, got nan"),
-    (lambda: tpgm_jax.radii_trainer(lambda p, b: 0.0, max_iters=1.5), r"max_iters must be an int >= 1, got 1.5"),
-    (lambda: tpgm_jax.radii_trainer(lambda p, b: 0.0, optimizer="adam"), r"radius optimizer must be an optax"),
-    (lambda: tpgm_jax.learn_radii_post_hoc(lambda p, b: jnp.sum(p["w"]), {"w": jnp.ones(2)},
-                                           {"w": jnp.zeros(2)}, []), r"batches is empty"),
-    (lambda: tpgm_jax.learn_radii_post_hoc(lambda p, b: jnp.sum(p["w"]), {"w": jnp.ones(2)},
-                                           {"w": jnp.zeros(2)}, {"x": jnp.ones(2)}),
-     r"batches must be an iterable of held-out batches"),
-    (lambda: tpgm_jax.project({"w": jnp.ones(2)}, {"w": jnp.ones(2)}, {"w": jnp.ones(2)}),
-     r"radii at 'w' must be a floating-point scalar; got shape \(2,\)"),
-])
+    (
+      lambda: tpgm_jax.digrap(strength_lr=0.1, max_strength=0.0),
+      r"max_strength must be a finite number > 0",
+    ),
+    (
+      lambda: tpgm_jax.digrap(strength_lr=0.1, anchor="pretrained"),
+      r"anchor must be one of \('init', 'zeros'\)",
+    ),
+    (
+      lambda: tpgm_jax.interpolate({"w": jnp.ones(2)}, {"w": jnp.ones(2)}, alpha=float("nan")),
+      r"alpha must be a finite number, got nan",
+    ),
+    (
+      lambda: tpgm_jax.radii_trainer(lambda p, b: 0.0, max_iters=1.5),
+      r"max_iters must be an int >= 1, got 1.5",
+    ),
+    (
+      lambda: tpgm_jax.radii_trainer(lambda p, b: 0.0, optimizer="adam"),
+      r"radius optimizer must be an optax",
+    ),
+    (
+      lambda: tpgm_jax.learn_radii_post_hoc(
+        lambda p, b: jnp.sum(p["w"]), {"w": jnp.ones(2)}, {"w": jnp.zeros(2)}, []
+      ),
+      r"batches is empty",
+    ),
+    (
+      lambda: tpgm_jax.learn_radii_post_hoc(
+        lambda p, b: jnp.sum(p["w"]), {"w": jnp.ones(2)}, {"w": jnp.zeros(2)}, {"x": jnp.ones(2)}
+      ),
+      r"batches must be an iterable of held-out batches",
+    ),
+    (
+      lambda: tpgm_jax.project({"w": jnp.ones(2)}, {"w": jnp.ones(2)}, {"w": jnp.ones(2)}),
+      r"radii at 'w' must be a floating-point scalar; got shape \(2,\)",
+    ),
+  ],
+)
 def test_bad_hyper_parameters(make, message):
   with pytest.raises(ValueError, match=message):
     make()
@@ -404,6 +515,7 @@ def test_docstring_examples(module):
 
 # ----------------------------------------------------------------------------- sharding
 
+
 @pytest.fixture(scope="module")
 def mesh():
   return Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
@@ -414,11 +526,12 @@ def mesh():
 def test_sharded_equals_unsharded(mesh, method):
   params, anchor = test_sharding._trees()
   not_norm = tpgm_jax.path_mask(exclude="norm.*")
-  tx = {"ftp": lambda: tpgm_jax.ftp(optax.sgd(0.1, momentum=0.9, nesterov=True), mask=not_norm),
-        "spd": lambda: tpgm_jax.spd(optax.adam(0.1), weight_decay=0.5, mask=not_norm),
-        "l2sp": lambda: optax.chain(tpgm_jax.l2sp(0.1, beta=0.1, mask=not_norm), optax.sgd(0.1)),
-        "digrap": lambda: optax.chain(tpgm_jax.digrap(strength_lr=0.5, mask=not_norm),
-                                      optax.adam(0.1))}[method]()
+  tx = {
+    "ftp": lambda: tpgm_jax.ftp(optax.sgd(0.1, momentum=0.9, nesterov=True), mask=not_norm),
+    "spd": lambda: tpgm_jax.spd(optax.adam(0.1), weight_decay=0.5, mask=not_norm),
+    "l2sp": lambda: optax.chain(tpgm_jax.l2sp(0.1, beta=0.1, mask=not_norm), optax.sgd(0.1)),
+    "digrap": lambda: optax.chain(tpgm_jax.digrap(strength_lr=0.5, mask=not_norm), optax.adam(0.1)),
+  }[method]()
 
   def two_steps(p, s, g):
     for scale in (1.0, -0.5):
@@ -433,7 +546,9 @@ def test_sharded_equals_unsharded(mesh, method):
   test_sharding._assert_same_sharding(out, sp)
   if method == "ftp":
     test_sharding._assert_same_sharding(state.anchor, {"dense": sa["dense"], "conv": sa["conv"]})
-    test_sharding._assert_same_sharding(new_state.prev_displacement, {"dense": sp["dense"], "conv": sp["conv"]})
+    test_sharding._assert_same_sharding(
+      new_state.prev_displacement, {"dense": sp["dense"], "conv": sp["conv"]}
+    )
   ref, _ = two_steps(params, tx.init(anchor), grads)
   test_sharding._assert_close(out, ref)
   test_sharding._no_all_gather(two_steps, sp, state, sg)
@@ -443,7 +558,10 @@ def test_sharded_equals_unsharded(mesh, method):
 def test_interpolate_sharded(mesh):
   params, anchor = test_sharding._trees()
   sp, sa = test_sharding._shard(params, mesh), test_sharding._shard(anchor, mesh)
-  mix = lambda p, a: tpgm_jax.interpolate(p, a, alpha=0.25)
+
+  def mix(p, a):
+    return tpgm_jax.interpolate(p, a, alpha=0.25)
+
   out = jax.jit(mix)(sp, sa)
   test_sharding._assert_same_sharding(out, sp)
   test_sharding._assert_close(out, mix(params, anchor))

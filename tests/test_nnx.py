@@ -21,7 +21,6 @@ NOT_HEAD = tpgm_jax.path_mask(exclude=r"head/(kernel|bias)")
 
 
 class Model(nnx.Module):
-
   def __init__(self, rngs):
     self.body = nnx.Linear(3, 4, rngs=rngs)
     self.head = nnx.Linear(4, 2, rngs=rngs)
@@ -40,19 +39,18 @@ def _loss(model):
 
 def _heldout(params, batch):
   x, y = batch
-  return jnp.mean(jnp.square(x @ params["body"]["kernel"] + params["body"]["bias"]
-                             - y[:, None]))
+  return jnp.mean(jnp.square(x @ params["body"]["kernel"] + params["body"]["bias"] - y[:, None]))
 
 
 METHODS = {
-    "trainable_projection": lambda: optax.chain(
-        optax.sgd(LR), tpgm_jax.trainable_projection(_heldout, mask=NOT_HEAD)),
-    "tpgm": lambda: optax.chain(optax.sgd(LR), tpgm_jax.tpgm(mask=NOT_HEAD, radii=1e-3)),
-    "ftp": lambda: tpgm_jax.ftp(optax.sgd(LR), mask=NOT_HEAD),
-    "spd": lambda: tpgm_jax.spd(optax.sgd(LR), weight_decay=1.0, mask=NOT_HEAD),
-    "digrap": lambda: optax.chain(tpgm_jax.digrap(strength_lr=0.5, mask=NOT_HEAD),
-                                  optax.sgd(LR)),
-    "l2sp": lambda: optax.chain(tpgm_jax.l2sp(1.0, mask=NOT_HEAD), optax.sgd(LR)),
+  "trainable_projection": lambda: optax.chain(
+    optax.sgd(LR), tpgm_jax.trainable_projection(_heldout, mask=NOT_HEAD)
+  ),
+  "tpgm": lambda: optax.chain(optax.sgd(LR), tpgm_jax.tpgm(mask=NOT_HEAD, radii=1e-3)),
+  "ftp": lambda: tpgm_jax.ftp(optax.sgd(LR), mask=NOT_HEAD),
+  "spd": lambda: tpgm_jax.spd(optax.sgd(LR), weight_decay=1.0, mask=NOT_HEAD),
+  "digrap": lambda: optax.chain(tpgm_jax.digrap(strength_lr=0.5, mask=NOT_HEAD), optax.sgd(LR)),
+  "l2sp": lambda: optax.chain(tpgm_jax.l2sp(1.0, mask=NOT_HEAD), optax.sgd(LR)),
 }
 
 
@@ -77,8 +75,13 @@ def test_path_mask_excludes_the_head_under_nnx_optimizer(method):
     updates = opt.update(model, grads, **kwargs)
     g = nnx.as_pure(nnx.state(grads, nnx.Param))
     for name in ("kernel", "bias"):  # the head takes the plain SGD step
-      np.testing.assert_allclose(updates["head"][name], -LR * g["head"][name], rtol=1e-6,
-                                 atol=1e-8, err_msg=f"{method}: head/{name} was modified")
+      np.testing.assert_allclose(
+        updates["head"][name],
+        -LR * g["head"][name],
+        rtol=1e-6,
+        atol=1e-8,
+        err_msg=f"{method}: head/{name} was modified",
+      )
 
   # The anchor holds the body only.
   anchor = nnx.as_pure(optax.tree.get(nnx.as_pure(opt.opt_state), "anchor"))

@@ -12,8 +12,8 @@ import optax
 import pytest
 
 import tpgm_jax
-from tpgm_jax import _projection, _radii, _transform, _tree
 from tests import oracle
+from tpgm_jax import _projection, _radii, _transform, _tree
 
 NORMS = ("mars", "l2")
 DTYPES = (jnp.float32, jnp.bfloat16)
@@ -27,19 +27,28 @@ def make_tree(kind, dtype=jnp.float32, seed=0):
   """(params, anchor) pairs of several pytree kinds and tensor ranks."""
   ks = iter(jax.random.split(jax.random.key(seed), 32))
   shapes = {
-      "vector": {"bias": (7,)},
-      "dense": {"kernel": (5, 3)},
-      "conv": {"kernel": (3, 3, 4, 6)},
-      "scalar": {"s": ()},
-      "nested": {"params": {"Dense_0": {"kernel": (4, 3), "bias": (3,)},
-                            "Conv_0": {"kernel": (2, 2, 3, 5)},
-                            "head": {"kernel": (5, 2), "bias": (2,)}}},
-      "tuple_list": ((4, 2), [(3,), {"k": (2, 2, 2)}]),
-      "empty": {"kernel": (0, 3), "bias": (0,), "w": (3, 2)},
+    "vector": {"bias": (7,)},
+    "dense": {"kernel": (5, 3)},
+    "conv": {"kernel": (3, 3, 4, 6)},
+    "scalar": {"s": ()},
+    "nested": {
+      "params": {
+        "Dense_0": {"kernel": (4, 3), "bias": (3,)},
+        "Conv_0": {"kernel": (2, 2, 3, 5)},
+        "head": {"kernel": (5, 2), "bias": (2,)},
+      }
+    },
+    "tuple_list": ((4, 2), [(3,), {"k": (2, 2, 2)}]),
+    "empty": {"kernel": (0, 3), "bias": (0,), "w": (3, 2)},
   }[kind]
-  anchor = jax.tree.map(lambda s: _rand(next(ks), s, dtype), shapes,
-                        is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(i, int) for i in x))
-  params = jax.tree.map(lambda a: (a.astype(jnp.float32) + _rand(next(ks), a.shape, scale=0.5)).astype(dtype), anchor)
+  anchor = jax.tree.map(
+    lambda s: _rand(next(ks), s, dtype),
+    shapes,
+    is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(i, int) for i in x),
+  )
+  params = jax.tree.map(
+    lambda a: (a.astype(jnp.float32) + _rand(next(ks), a.shape, scale=0.5)).astype(dtype), anchor
+  )
   return params, anchor
 
 
@@ -61,10 +70,16 @@ def test_matches_numpy_oracle(kind, norm, dtype):
   out = tpgm_jax.project(params, anchor, radii, norm)
   assert jax.tree.structure(out) == jax.tree.structure(params)
   tol = 1e-5 if dtype == jnp.float32 else 2e-2
-  for w, w0, r, o in zip(_leaves64(params), _leaves64(anchor), _leaves64(radii), jax.tree.leaves(out)):
+  for w, w0, r, o in zip(
+    _leaves64(params), _leaves64(anchor), _leaves64(radii), jax.tree.leaves(out)
+  ):
     assert o.dtype == dtype and o.shape == w.shape
-    np.testing.assert_allclose(np.asarray(o, np.float64), oracle.project(w, w0, r, norm), rtol=tol, atol=tol)
-  for w, w0, r in zip(_leaves64(params), _leaves64(anchor), jax.tree.leaves(tpgm_jax.init_radii(params, anchor, norm))):
+    np.testing.assert_allclose(
+      np.asarray(o, np.float64), oracle.project(w, w0, r, norm), rtol=tol, atol=tol
+    )
+  for w, w0, r in zip(
+    _leaves64(params), _leaves64(anchor), jax.tree.leaves(tpgm_jax.init_radii(params, anchor, norm))
+  ):
     assert r.dtype == jnp.float32 and r.shape == ()
     np.testing.assert_allclose(float(r), oracle.init_radius(w, w0, norm), rtol=1e-5)
 
@@ -75,7 +90,7 @@ def test_distance_norms_match_oracle(norm):
   got = tpgm_jax.distance_norms(params, anchor, norm)
   for w, w0, n in zip(_leaves64(params), _leaves64(anchor), jax.tree.leaves(got)):
     np.testing.assert_allclose(n, oracle.norms(w - w0, norm), rtol=1e-5)
-  if norm == "mars":   # per output channel (last axis) for rank >= 2
+  if norm == "mars":  # per output channel (last axis) for rank >= 2
     assert got["params"]["Conv_0"]["kernel"].shape == (5,)
     assert got["params"]["Dense_0"]["bias"].shape == ()
 
@@ -91,8 +106,13 @@ def test_invariants(kind, norm):
   mid = jax.tree.map(lambda n: jnp.float32((float(jnp.min(n)) + float(jnp.max(n))) / 2), norms)
   out = tpgm_jax.project(params, anchor, mid, norm)
   new_norms = tpgm_jax.distance_norms(out, anchor, norm)
-  for n0, n1, r, w, o in zip(jax.tree.leaves(norms), jax.tree.leaves(new_norms), jax.tree.leaves(mid),
-                             jax.tree.leaves(params), jax.tree.leaves(out)):
+  for n0, n1, r, w, o in zip(
+    jax.tree.leaves(norms),
+    jax.tree.leaves(new_norms),
+    jax.tree.leaves(mid),
+    jax.tree.leaves(params),
+    jax.tree.leaves(out),
+  ):
     n0, n1, r = np.asarray(n0), np.asarray(n1), float(r)
     np.testing.assert_allclose(n1, np.minimum(n0, r), rtol=1e-5)
     inside = np.broadcast_to(n0 <= r, np.shape(w)[-1:] if np.ndim(n0) else ())
@@ -103,11 +123,15 @@ def test_invariants(kind, norm):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
   # Radius >= max norm is the identity.
   big = jax.tree.map(lambda m: jnp.float32(m * 1.5), maxn)
-  for a, b in zip(jax.tree.leaves(tpgm_jax.project(params, anchor, big, norm)), jax.tree.leaves(params)):
+  for a, b in zip(
+    jax.tree.leaves(tpgm_jax.project(params, anchor, big, norm)), jax.tree.leaves(params)
+  ):
     np.testing.assert_array_equal(a, b)
   # Radius at (or below) the floor gives the anchor.
   tiny = jax.tree.map(lambda m: jnp.float32(0.0), maxn)
-  for a, b in zip(jax.tree.leaves(tpgm_jax.project(params, anchor, tiny, norm)), jax.tree.leaves(anchor)):
+  for a, b in zip(
+    jax.tree.leaves(tpgm_jax.project(params, anchor, tiny, norm)), jax.tree.leaves(anchor)
+  ):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
@@ -121,8 +145,13 @@ def test_tensor_equal_to_anchor_is_finite_with_zero_gradient(norm, dtype):
   out = tpgm_jax.project(params, anchor, radii, norm)
   for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(anchor)):
     np.testing.assert_array_equal(a, b)
-  loss = lambda r: sum(jnp.sum(jnp.sin(x.astype(jnp.float32))) for x in
-                       jax.tree.leaves(tpgm_jax.project(params, anchor, r, norm)))
+
+  def loss(r):
+    return sum(
+      jnp.sum(jnp.sin(x.astype(jnp.float32)))
+      for x in jax.tree.leaves(tpgm_jax.project(params, anchor, r, norm))
+    )
+
   grads = jax.grad(loss)(radii)
   for g in jax.tree.leaves(grads):
     assert float(g) == 0.0
@@ -145,12 +174,18 @@ def test_radius_gradient_matches_finite_differences(norm):
     params, anchor = make_tree("nested", jnp.float64, seed=3)
     norms = tpgm_jax.distance_norms(params, anchor, norm)
     # Radii strictly between the min and max norm, away from the kinks.
-    radii = jax.tree.map(lambda n: jnp.float64(0.37 * float(jnp.min(n)) + 0.63 * float(jnp.max(n))), norms)
-    target = jax.tree.map(lambda a: jnp.cos(jnp.arange(a.size, dtype=jnp.float64).reshape(a.shape)), params)
+    radii = jax.tree.map(
+      lambda n: jnp.float64(0.37 * float(jnp.min(n)) + 0.63 * float(jnp.max(n))), norms
+    )
+    target = jax.tree.map(
+      lambda a: jnp.cos(jnp.arange(a.size, dtype=jnp.float64).reshape(a.shape)), params
+    )
 
     def loss(r):
       out = tpgm_jax.project(params, anchor, r, norm)
-      return sum(jnp.sum((o - t) ** 2) for o, t in zip(jax.tree.leaves(out), jax.tree.leaves(target)))
+      return sum(
+        jnp.sum((o - t) ** 2) for o, t in zip(jax.tree.leaves(out), jax.tree.leaves(target))
+      )
 
     grads = jax.grad(loss)(radii)
     flat, unravel = jax.flatten_util.ravel_pytree(radii)
@@ -160,13 +195,16 @@ def test_radius_gradient_matches_finite_differences(norm):
       fd = (loss(unravel(flat + e)) - loss(unravel(flat - e))) / (2 * h)
       got = jax.flatten_util.ravel_pytree(grads)[0][i]
       np.testing.assert_allclose(got, fd, rtol=1e-6, atol=1e-9)
-      assert abs(float(got)) > 0   # the radius is active: a real check
+      assert abs(float(got)) > 0  # the radius is active: a real check
 
 
 def test_gradient_zero_where_radius_or_ratio_clipped():
   params, anchor = make_tree("dense")
   maxn = float(jnp.max(tpgm_jax.distance_norms(params, anchor)["kernel"]))
-  loss = lambda r: jnp.sum(tpgm_jax.project(params, anchor, r)["kernel"] ** 3)
+
+  def loss(r):
+    return jnp.sum(tpgm_jax.project(params, anchor, r)["kernel"] ** 3)
+
   for r in (2.0 * maxn, 0.0):
     assert float(jax.grad(loss)({"kernel": jnp.float32(r)})["kernel"]) == 0.0
 
@@ -207,7 +245,10 @@ def test_mask_kinds_as_in_optax_masked():
   params, anchor = make_tree("nested")
   radii = jax.tree.map(lambda r: r * 0, tpgm_jax.init_radii(params, anchor))  # project to anchor
   not_head = tpgm_jax.path_mask(exclude=r"params/head/.*")
-  optax_style = lambda p: jax.tree.map(lambda x: x.shape[-1] != 2, p)  # head: 2 classes
+
+  def optax_style(p):
+    return jax.tree.map(lambda x: x.shape[-1] != 2, p)  # head: 2 classes
+
   prefix = {"params": {"Dense_0": True, "Conv_0": True, "head": False}}
   full = jax.tree.map(lambda _: True, params)
   full["params"]["head"] = {"kernel": False, "bias": False}
@@ -215,8 +256,12 @@ def test_mask_kinds_as_in_optax_masked():
   listed = tpgm_jax.path_mask(include=[r"params/Dense_0/.*", r"params/Conv_0/.*"])
   for m in (not_head, optax_style, prefix, full, predicate, listed):
     out = tpgm_jax.project(params, anchor, radii, mask=m)
-    np.testing.assert_array_equal(out["params"]["head"]["kernel"], params["params"]["head"]["kernel"])
-    np.testing.assert_allclose(out["params"]["Dense_0"]["kernel"], anchor["params"]["Dense_0"]["kernel"], atol=1e-6)
+    np.testing.assert_array_equal(
+      out["params"]["head"]["kernel"], params["params"]["head"]["kernel"]
+    )
+    np.testing.assert_allclose(
+      out["params"]["Dense_0"]["kernel"], anchor["params"]["Dense_0"]["kernel"], atol=1e-6
+    )
     # The same mask selects the same tensors in optax.masked.
     tx = optax.masked(optax.set_to_zero(), m)
     updates, _ = tx.update(params, tx.init(params))
@@ -230,15 +275,26 @@ def test_mask_kinds_as_in_optax_masked():
 
 
 def test_path_mask_matches_whole_paths_and_skips_integers():
-  params = {"params": {"head": {"kernel": jnp.ones(2)}, "multihead": {"kernel": jnp.ones(2)}},
-            "step": jnp.array(3, jnp.int32), "layers": [jnp.ones(1), jnp.ones(1)]}
+  params = {
+    "params": {"head": {"kernel": jnp.ones(2)}, "multihead": {"kernel": jnp.ones(2)}},
+    "step": jnp.array(3, jnp.int32),
+    "layers": [jnp.ones(1), jnp.ones(1)],
+  }
   assert tpgm_jax.path_mask(exclude="params/head/.*")(params) == {
-      "params": {"head": {"kernel": False}, "multihead": {"kernel": True}},
-      "step": False, "layers": [True, True]}
+    "params": {"head": {"kernel": False}, "multihead": {"kernel": True}},
+    "step": False,
+    "layers": [True, True],
+  }
   assert tpgm_jax.path_mask(include=r"layers/\d")(params)["layers"] == [True, True]
-  assert tpgm_jax.path_mask(include=["layers", "step"])(params)["layers"] == [False, False]  # fullmatch
-  with pytest.raises(ValueError, match=r"include='layers'\) matches no parameter path.*"
-                     r"did you mean r\"\.\*layers\.\*\" or \"layers/\.\*\""):
+  assert tpgm_jax.path_mask(include=["layers", "step"])(params)["layers"] == [
+    False,
+    False,
+  ]  # fullmatch
+  with pytest.raises(
+    ValueError,
+    match=r"include='layers'\) matches no parameter path.*"
+    r"did you mean r\"\.\*layers\.\*\" or \"layers/\.\*\"",
+  ):
     tpgm_jax.path_mask(include="layers")(params)  # a partial name matching nothing: an error
   with pytest.raises(ValueError, match="exclude must be a regex"):
     tpgm_jax.path_mask(exclude="params/(")
@@ -247,15 +303,23 @@ def test_path_mask_matches_whole_paths_and_skips_integers():
 def test_bad_masks_are_clear_errors():
   params, anchor = make_tree("nested")
   radii = tpgm_jax.init_radii(params, anchor)
-  with pytest.raises(ValueError, match=r"path_mask.*raised AttributeError.*receives the params pytree, not a path string"):
+  with pytest.raises(
+    ValueError,
+    match=r"path_mask.*raised AttributeError.*receives the params pytree, not a path string",
+  ):
     tpgm_jax.project(params, anchor, radii, mask=lambda path: not path.startswith("params/head"))
-  with pytest.raises(ValueError, match=r"does not fit params: missing from mask: \['params/Conv_0/kernel', 'params/Dense_0/bias'"):
+  with pytest.raises(
+    ValueError,
+    match=r"does not fit params: missing from mask: "
+    r"\['params/Conv_0/kernel', 'params/Dense_0/bias'",
+  ):
     tpgm_jax.project(params, anchor, radii, mask={"params": {"head": False}})
   with pytest.raises(ValueError, match=r"at 'params/Conv_0/kernel' is 'yes'; expected a bool"):
     tpgm_jax.project(params, anchor, radii, mask=jax.tree.map(lambda _: "yes", params))
   with pytest.raises(ValueError, match="traced value"):
     jax.jit(lambda m: tpgm_jax.project(params, anchor, radii, mask=m))(
-        jax.tree.map(lambda _: True, params))
+      jax.tree.map(lambda _: True, params)
+    )
 
 
 def test_non_float_leaves_pass_through_and_cannot_be_selected():
@@ -273,14 +337,19 @@ def test_errors_name_the_path():
   radii = tpgm_jax.init_radii(params, anchor)
   bad_anchor = jax.tree.map(lambda x: x, anchor)
   bad_anchor["params"]["Dense_0"]["kernel"] = jnp.zeros((3, 4))
-  with pytest.raises(ValueError, match=r"anchor at 'params/Dense_0/kernel' has shape \(3, 4\) but params have \(4, 3\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"anchor at 'params/Dense_0/kernel' has shape \(3, 4\) but params have \(4, 3\)",
+  ):
     tpgm_jax.project(params, bad_anchor, radii)
   missing = {"params": {k: v for k, v in anchor["params"].items() if k != "head"}}
   with pytest.raises(ValueError, match="missing from anchor.*params/head/bias"):
     tpgm_jax.project(params, missing, radii)
   bad_radii = jax.tree.map(lambda x: x, radii)
   bad_radii["params"]["Conv_0"]["kernel"] = jnp.ones(5)
-  with pytest.raises(ValueError, match="radii at 'params/Conv_0/kernel' must be a floating-point scalar"):
+  with pytest.raises(
+    ValueError, match="radii at 'params/Conv_0/kernel' must be a floating-point scalar"
+  ):
     tpgm_jax.project(params, anchor, bad_radii)
   with pytest.raises(ValueError, match="radii are required"):
     tpgm_jax.project(params, anchor, None)
@@ -300,23 +369,35 @@ def test_check_finite_names_the_path():
 
 
 def test_flax_nnx_state():
-  from flax import nnx
+  from flax import nnx  # noqa: PLC0415 (only this test needs Flax)
+
   model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 2, rngs=nnx.Rngs(1)))
   _, anchor = nnx.split(model)
-  params = jax.tree.map(lambda x: x + 0.3 * jnp.sign(jnp.cos(jnp.arange(x.size).reshape(x.shape))), anchor)
+  params = jax.tree.map(
+    lambda x: x + 0.3 * jnp.sign(jnp.cos(jnp.arange(x.size).reshape(x.shape))), anchor
+  )
   radii = tpgm_jax.init_radii(params, anchor)
   out = jax.jit(tpgm_jax.project)(params, anchor, radii)
   assert type(out) is type(params)
-  for w, w0, r, o in zip(_leaves64(params), _leaves64(anchor), jax.tree.leaves(radii), jax.tree.leaves(out)):
+  for w, w0, r, o in zip(
+    _leaves64(params), _leaves64(anchor), jax.tree.leaves(radii), jax.tree.leaves(out)
+  ):
     np.testing.assert_allclose(o, oracle.project(w, w0, float(r), "mars"), rtol=1e-5, atol=1e-6)
 
 
-_shapes = st.lists(hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=4), min_size=1, max_size=4)
+_shapes = st.lists(
+  hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=4), min_size=1, max_size=4
+)
 
 
 @hypothesis.settings(max_examples=40, deadline=None)
-@hypothesis.given(shapes=_shapes, norm=st.sampled_from(NORMS), seed=st.integers(0, 2**16),
-                  scale=st.floats(0.0, 3.0), nest=st.booleans())
+@hypothesis.given(
+  shapes=_shapes,
+  norm=st.sampled_from(NORMS),
+  seed=st.integers(0, 2**16),
+  scale=st.floats(0.0, 3.0),
+  nest=st.booleans(),
+)
 def test_property_random_pytrees(shapes, norm, seed, scale, nest):
   rng = np.random.default_rng(seed)
   anchor = [rng.normal(size=s).astype(np.float32) for s in shapes]
@@ -325,13 +406,18 @@ def test_property_random_pytrees(shapes, norm, seed, scale, nest):
     anchor, params = {"x": tuple(anchor)}, {"x": tuple(params)}
   radii = jax.tree.map(lambda r: r * scale, tpgm_jax.init_radii(params, anchor, norm))
   out = tpgm_jax.project(params, anchor, radii, norm)
-  for w, w0, r, o in zip(jax.tree.leaves(params), jax.tree.leaves(anchor), jax.tree.leaves(radii),
-                         jax.tree.leaves(out)):
+  for w, w0, r, o in zip(
+    jax.tree.leaves(params), jax.tree.leaves(anchor), jax.tree.leaves(radii), jax.tree.leaves(out)
+  ):
     assert o.shape == w.shape and np.all(np.isfinite(o))
     np.testing.assert_allclose(o, oracle.project(w, w0, float(r), norm), rtol=1e-5, atol=1e-5)
     if w.size:
       n_out = oracle.norms(np.asarray(o, np.float64) - w0, norm)
-      assert np.all(n_out <= max(oracle.clipped_radius(float(r), oracle.norms(w - w0, norm)), 1e-8) * (1 + 1e-5) + 1e-6)
+      assert np.all(
+        n_out
+        <= max(oracle.clipped_radius(float(r), oracle.norms(w - w0, norm)), 1e-8) * (1 + 1e-5)
+        + 1e-6
+      )
 
 
 @pytest.mark.parametrize("module", (_projection, _transform, _radii))

@@ -27,14 +27,18 @@ def _blocks(path: pathlib.Path, section: str | None = None) -> list[str]:
   if section is not None:
     start = text.index(section)
     end = text.find("\n## ", start + 1)
-    text = text[start:end if end >= 0 else None]
+    text = text[start : end if end >= 0 else None]
   return re.findall(r"```python\n(.*?)```", text, re.S)
 
 
 def _namespace():
   rng = np.random.default_rng(0)
-  params = {"params": {"Dense_0": {"kernel": jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)},
-                       "head": {"kernel": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)}}}
+  params = {
+    "params": {
+      "Dense_0": {"kernel": jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)},
+      "head": {"kernel": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)},
+    }
+  }
 
   def model(p, x):
     return jnp.tanh(x @ p["params"]["Dense_0"]["kernel"]) @ p["params"]["head"]["kernel"]
@@ -43,11 +47,22 @@ def _namespace():
     return optax.softmax_cross_entropy_with_integer_labels(model(p, batch["x"]), batch["y"]).mean()
 
   batch = {"x": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32), "y": jnp.arange(8) % 3}
-  return {"params": params, "anchor": params, "pretrained": params,
-          "finetuned": jax.tree.map(lambda x: x + 0.1, params), "train_loss": xent,
-          "heldout_loss": xent, "batch": batch, "batches": jax.tree.map(lambda x: x[None], batch),
-          "train_batches": [batch] * 3, "heldout_batches": [batch, batch], "lr": 1e-2,
-          "wd": 1e-4, "lam": 0.1, "alpha": 0.1}
+  return {
+    "params": params,
+    "anchor": params,
+    "pretrained": params,
+    "finetuned": jax.tree.map(lambda x: x + 0.1, params),
+    "train_loss": xent,
+    "heldout_loss": xent,
+    "batch": batch,
+    "batches": jax.tree.map(lambda x: x[None], batch),
+    "train_batches": [batch] * 3,
+    "heldout_batches": [batch, batch],
+    "lr": 1e-2,
+    "wd": 1e-4,
+    "lam": 0.1,
+    "alpha": 0.1,
+  }
 
 
 def _check_trains(ns):
@@ -60,8 +75,9 @@ def _check_trains(ns):
   assert float(radii["params"]["head"]["kernel"]) == 0  # not constrained
 
 
-@pytest.mark.parametrize("path,section", [(README, "## A quick tour"),
-                                          (LIBRARY, "## TPGM during fine-tuning")])
+@pytest.mark.parametrize(
+  "path,section", [(README, "## A quick tour"), (LIBRARY, "## TPGM during fine-tuning")]
+)
 def test_tour_runs_and_trains(path, section):
   blocks = _blocks(path, section)  # the first block of the section is the tour
   ns = _namespace()
@@ -76,9 +92,11 @@ def test_readme_tour_is_the_guides_tour():
 
 
 def test_pieces_post_hoc_and_family_run():
-  for section, names in [("## The pieces", {"radii", "tx", "trainer_state", "losses"}),
-                         ("## Post hoc", {"projected", "radii"}),
-                         ("## The family", {"tx", "merged"})]:
+  for section, names in [
+    ("## The pieces", {"radii", "tx", "trainer_state", "losses"}),
+    ("## Post hoc", {"projected", "radii"}),
+    ("## The family", {"tx", "merged"}),
+  ]:
     blocks = _blocks(LIBRARY, section)
     assert len(blocks) == 1, section
     ns = _namespace()

@@ -30,8 +30,10 @@ STEPS = 6
 
 def _linear(start, end, steps):
   """optax.linear_schedule and its float64 NumPy twin."""
-  return (optax.linear_schedule(start, end, steps),
-          lambda t: start + (end - start) * min(t, steps) / steps)
+  return (
+    optax.linear_schedule(start, end, steps),
+    lambda t: start + (end - start) * min(t, steps) / steps,
+  )
 
 
 def _run_counted(tx, params, steps, grads=_grads, anchor=None, **kwargs):
@@ -56,9 +58,10 @@ def _run_counted(tx, params, steps, grads=_grads, anchor=None, **kwargs):
 def test_spd_weight_decay_schedule(inner):
   params, pre = make_tree("nested")
   sched, ref_sched = _linear(0.0, 1.0, 4)
-  make = {"adam": (lambda: optax.adam(0.05), lambda: oracle_family.AdamW(0.05)),
-          "sgd": (lambda: optax.sgd(0.1, momentum=0.9),
-                  lambda: oracle_family.SGD(0.1, momentum=0.9))}[inner]
+  make = {
+    "adam": (lambda: optax.adam(0.05), lambda: oracle_family.AdamW(0.05)),
+    "sgd": (lambda: optax.sgd(0.1, momentum=0.9), lambda: oracle_family.SGD(0.1, momentum=0.9)),
+  }[inner]
   tx = tpgm_jax.spd(make[0](), weight_decay=sched, mask=NOT_HEAD)
   got, state = _run_counted(tx, params, STEPS, anchor=pre)
   assert state.count.dtype == jnp.int32 and int(state.count) == STEPS
@@ -77,6 +80,7 @@ def test_spd_weight_decay_schedule(inner):
 def test_l2sp_alpha_and_beta_schedules():
   params, pre = make_tree("nested")
   alpha, ref_alpha = _linear(0.0, 0.5, 3)
+
   def beta(count):  # any jnp-traceable callable of the count
     return 0.01 * (count + 1)
 
@@ -86,8 +90,10 @@ def test_l2sp_alpha_and_beta_schedules():
   opt, w0s, ws = oracle_family.SGD(0.1, momentum=0.9), _anchors(pre, NOT_HEAD), _f64(params)
   for t in range(STEPS):
     gs = _f64(_grads(params, t))
-    ws = [w + opt.update(i, w, oracle_family.l2sp_grad(g, w, w0, ref_alpha(t), 0.01 * (t + 1)))
-          for i, (w, w0, g) in enumerate(zip(ws, w0s, gs))]
+    ws = [
+      w + opt.update(i, w, oracle_family.l2sp_grad(g, w, w0, ref_alpha(t), 0.01 * (t + 1)))
+      for i, (w, w0, g) in enumerate(zip(ws, w0s, gs))
+    ]
   _assert_close(got, ws)
 
 
@@ -97,8 +103,9 @@ def test_ftp_k_schedule(norm):
   k, ref_k = _linear(1.0, 0.0, 4)
   tx = tpgm_jax.ftp(optax.adamw(0.05, weight_decay=1e-2), k=k, mask=NOT_HEAD, norm=norm)
   got, state = _run_counted(tx, params, STEPS)
-  ref = oracle_family.FTP(oracle_family.AdamW(0.05, weight_decay=1e-2),
-                          _anchors(params, NOT_HEAD), norm=norm)
+  ref = oracle_family.FTP(
+    oracle_family.AdamW(0.05, weight_decay=1e-2), _anchors(params, NOT_HEAD), norm=norm
+  )
   ws = _f64(params)
   for t in range(STEPS):
     ref.k = ref_k(t)
@@ -112,8 +119,9 @@ def test_digrap_strength_lr_and_max_strength_schedules():
   params, pre = make_tree("nested")
   lr, ref_lr = _linear(0.5, 0.05, 5)
   kappa, ref_kappa = _linear(1.0, 0.5, 5)
-  tx = optax.chain(tpgm_jax.digrap(strength_lr=lr, max_strength=kappa, mask=NOT_HEAD),
-                   optax.adam(0.05))
+  tx = optax.chain(
+    tpgm_jax.digrap(strength_lr=lr, max_strength=kappa, mask=NOT_HEAD), optax.adam(0.05)
+  )
   got, state = _run_counted(tx, params, 8, grads=_oscillating_grads, anchor=pre)
   ref = oracle_family.DiGraP(_anchors(pre, NOT_HEAD), 0.5)
   opt, ws = oracle_family.AdamW(0.05), _f64(params)
@@ -138,8 +146,10 @@ def test_mars_pgm_radius_schedule(norm):
   w0s, ws = _anchors(params, NOT_HEAD), _f64(params)
   for t in range(STEPS):
     gs = _f64(_grads(params, t))
-    ws = [w - 0.1 * g if w0 is None else oracle.project(w - 0.1 * g, w0, ref_radius(t), norm)
-          for w, w0, g in zip(ws, w0s, gs)]
+    ws = [
+      w - 0.1 * g if w0 is None else oracle.project(w - 0.1 * g, w0, ref_radius(t), norm)
+      for w, w0, g in zip(ws, w0s, gs)
+    ]
   _assert_close(got, ws)
 
 
@@ -157,13 +167,16 @@ def test_schedule_overridden_by_update_radii_and_head_untouched():
     assert np.allclose(a, b, rtol=1e-6) == (not not_head_path(path))
 
 
-@pytest.mark.parametrize("make", [
+@pytest.mark.parametrize(
+  "make",
+  [
     lambda s: tpgm_jax.spd(optax.sgd(0.1), weight_decay=s),
     lambda s: tpgm_jax.l2sp(s),
     lambda s: tpgm_jax.ftp(optax.sgd(0.1), k=s),
     lambda s: tpgm_jax.digrap(strength_lr=s),
     lambda s: tpgm_jax.tpgm(radii=s),
-])
+  ],
+)
 def test_a_schedule_must_return_a_scalar(make):
   params, _ = make_tree("dense")
   tx = make(lambda count: jnp.ones(3) * count)

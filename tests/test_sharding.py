@@ -5,21 +5,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import tpgm_jax
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (CPU) devices")
 
 SPECS = {
-    "dense": {"kernel": P("data", "model"), "bias": P("model")},
-    "conv": {"kernel": P(None, None, "data", "model")},
-    "norm": {"scale": P("model")},
+  "dense": {"kernel": P("data", "model"), "bias": P("model")},
+  "conv": {"kernel": P(None, None, "data", "model")},
+  "norm": {"scale": P("model")},
 }
 SHAPES = {
-    "dense": {"kernel": (16, 8), "bias": (8,)},
-    "conv": {"kernel": (3, 3, 8, 4)},
-    "norm": {"scale": (4,)},
+  "dense": {"kernel": (16, 8), "bias": (8,)},
+  "conv": {"kernel": (3, 3, 8, 4)},
+  "norm": {"scale": (4,)},
 }
 
 
@@ -30,7 +31,10 @@ def mesh():
 
 def _trees(seed=0):
   ks = iter(jax.random.split(jax.random.key(seed), 16))
-  is_shape = lambda x: isinstance(x, tuple) and all(isinstance(i, int) for i in x)
+
+  def is_shape(x):
+    return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
+
   anchor = jax.tree.map(lambda s: jax.random.normal(next(ks), s), SHAPES, is_leaf=is_shape)
   params = jax.tree.map(lambda a: a + 0.5 * jax.random.normal(next(ks), a.shape), anchor)
   return params, anchor
@@ -74,7 +78,9 @@ def test_transformation(mesh):
   params, _ = _trees()
   grads = jax.tree.map(lambda p: jnp.cos(p * 3.0), params)
   radii = jax.tree.map(lambda p: jnp.float32(0.2), params)
-  tx = optax.chain(optax.sgd(0.5, momentum=0.9), tpgm_jax.tpgm(mask=tpgm_jax.path_mask(exclude="norm.*")))
+  tx = optax.chain(
+    optax.sgd(0.5, momentum=0.9), tpgm_jax.tpgm(mask=tpgm_jax.path_mask(exclude="norm.*"))
+  )
 
   def step(p, s, g, r):
     u, s = tx.update(g, s, p, radii=r)
@@ -94,12 +100,17 @@ def test_radius_update(mesh):
   params, anchor = _trees()
   targets = _trees(seed=5)[0]
   batches = jax.tree.map(lambda t: jnp.stack([t, -t]), targets)
-  loss = lambda p, b: sum(jnp.sum((x - y) ** 2) for x, y in zip(jax.tree.leaves(p), jax.tree.leaves(b)))
+
+  def loss(p, b):
+    return sum(jnp.sum((x - y) ** 2) for x, y in zip(jax.tree.leaves(p), jax.tree.leaves(b)))
+
   trainer = tpgm_jax.radii_trainer(loss, max_iters=2)
   radii = tpgm_jax.init_radii(params, anchor)
   state = trainer.init(radii)
   sp, sa = _shard(params, mesh), _shard(anchor, mesh)
-  sb = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, P(None, *s))), batches, SPECS)
+  sb = jax.tree.map(
+    lambda x, s: jax.device_put(x, NamedSharding(mesh, P(None, *s))), batches, SPECS
+  )
   got = jax.jit(trainer.update)(radii, state, sp, sa, sb)
   ref = trainer.update(radii, state, params, anchor, batches)
   _assert_close(got, ref)
@@ -110,10 +121,15 @@ def test_trainable_projection(mesh):
   params, anchor = _trees()
   targets = _trees(seed=5)[0]
   heldout = jax.tree.map(lambda t: jnp.stack([t, 0.5 * t]), targets)
-  loss = lambda p, b: sum(jnp.sum((x - y) ** 2) for x, y in zip(jax.tree.leaves(p), jax.tree.leaves(b)))
+
+  def loss(p, b):
+    return sum(jnp.sum((x - y) ** 2) for x, y in zip(jax.tree.leaves(p), jax.tree.leaves(b)))
+
   grads = jax.tree.map(lambda p: jnp.cos(p * 3.0), params)
-  tx = optax.chain(optax.sgd(0.5, momentum=0.9), tpgm_jax.trainable_projection(
-      loss, mask=tpgm_jax.path_mask(exclude="norm.*"), max_iters=2))
+  tx = optax.chain(
+    optax.sgd(0.5, momentum=0.9),
+    tpgm_jax.trainable_projection(loss, mask=tpgm_jax.path_mask(exclude="norm.*"), max_iters=2),
+  )
 
   def two_steps(p, s, g, h):
     for batches in (h, None):  # a radius update, then a projection only
@@ -122,7 +138,9 @@ def test_trainable_projection(mesh):
     return p, s
 
   sp, sa, sg = _shard(params, mesh), _shard(anchor, mesh), _shard(grads, mesh)
-  sh = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, P(None, *s))), heldout, SPECS)
+  sh = jax.tree.map(
+    lambda x, s: jax.device_put(x, NamedSharding(mesh, P(None, *s))), heldout, SPECS
+  )
   state = jax.jit(tx.init)(sa)
   _assert_same_sharding(state[1].anchor["dense"], sa["dense"])
   out, new_state = jax.jit(two_steps)(sp, state, sg, sh)

@@ -18,9 +18,15 @@ SHAPES = {"dense1": (4, 6), "dense2": (6, 5), "head": (5, 3)}
 
 def _mlp_params(seed=0):
   rng = np.random.default_rng(seed)
-  return {"params": {name: {"kernel": jnp.asarray(rng.normal(size=s) / np.sqrt(s[0]), jnp.float32),
-                            "bias": jnp.asarray(0.1 * rng.normal(size=s[1]), jnp.float32)}
-                     for name, s in SHAPES.items()}}
+  return {
+    "params": {
+      name: {
+        "kernel": jnp.asarray(rng.normal(size=s) / np.sqrt(s[0]), jnp.float32),
+        "bias": jnp.asarray(0.1 * rng.normal(size=s[1]), jnp.float32),
+      }
+      for name, s in SHAPES.items()
+    }
+  }
 
 
 def _heldout_loss(params, batch):
@@ -47,8 +53,10 @@ def _np_heldout_loss(leaves, batch):
 
 def _batch(seed, n=8):
   rng = np.random.default_rng(1000 + seed)
-  return {"x": rng.normal(size=(n, 4)).astype(np.float32),
-          "y": rng.normal(size=(n, 3)).astype(np.float32)}
+  return {
+    "x": rng.normal(size=(n, 4)).astype(np.float32),
+    "y": rng.normal(size=(n, 3)).astype(np.float32),
+  }
 
 
 def _grads(params, t):
@@ -60,32 +68,53 @@ def _stacked(batches):
   return jax.tree.map(lambda *xs: np.stack(xs), *batches)
 
 
-@pytest.mark.parametrize("norm,units", [("mars", "absolute"), ("l2", "absolute"),
-                                        ("mars", "anchor"), ("l2", "anchor")])
+@pytest.mark.parametrize(
+  "norm,units", [("mars", "absolute"), ("l2", "absolute"), ("mars", "anchor"), ("l2", "anchor")]
+)
 def test_matches_numpy_reference(norm, units):
   """Six steps, held-out batches every other step, two radius iterations each."""
   params, steps, max_iters = _mlp_params(), 6, 2
   inner = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.2, momentum=0.9, nesterov=True))
-  tx = optax.chain(inner, tpgm_jax.trainable_projection(
-      _heldout_loss, norm=norm, mask=NOT_HEAD, radius_optimizer=optax.adam(5e-2),
-      max_iters=max_iters, radius_units=units))
+  tx = optax.chain(
+    inner,
+    tpgm_jax.trainable_projection(
+      _heldout_loss,
+      norm=norm,
+      mask=NOT_HEAD,
+      radius_optimizer=optax.adam(5e-2),
+      max_iters=max_iters,
+      radius_units=units,
+    ),
+  )
   state = tx.init(params)
   step = jax.jit(lambda p, s, g, h: tx.update(g, s, p, heldout=h))
-  flat = lambda tree: [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
-  anchors = [None if "head" in path else w
-             for path, w in zip(tpgm_jax.leaf_paths(params), flat(params))]
+
+  def flat(tree):
+    return [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
+
+  anchors = [
+    None if "head" in path else w for path, w in zip(tpgm_jax.leaf_paths(params), flat(params))
+  ]
   ref = oracle.TrainableProjection(
-      oracle_family.SGD(0.2, momentum=0.9, nesterov=True, weight_decay=5e-4), anchors,
-      _np_heldout_loss, norm, lr=5e-2, units=units)
+    oracle_family.SGD(0.2, momentum=0.9, nesterov=True, weight_decay=5e-4),
+    anchors,
+    _np_heldout_loss,
+    norm,
+    lr=5e-2,
+    units=units,
+  )
   p, ws = params, flat(params)
   for t in range(steps):
     batches = [_batch(t * max_iters + k) for k in range(max_iters)] if t % 2 == 0 else None
-    updates, state = step(p, state, _grads(params, t), None if batches is None else _stacked(batches))
+    updates, state = step(
+      p, state, _grads(params, t), None if batches is None else _stacked(batches)
+    )
     p = optax.apply_updates(p, updates)
     ws = ref.step(ws, flat(_grads(params, t)), batches)
     for path, got, want in zip(tpgm_jax.leaf_paths(p), jax.tree.leaves(p), ws):
-      np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-4, atol=2e-6,
-                                 err_msg=f"step {t} {path}")
+      np.testing.assert_allclose(
+        np.asarray(got, np.float64), want, rtol=1e-4, atol=2e-6, err_msg=f"step {t} {path}"
+      )
   radii = optax.tree.get(state, "radii")
   for path, r in zip(tpgm_jax.leaf_paths(params), jax.tree.leaves(radii)):
     i = tpgm_jax.leaf_paths(params).index(path)
@@ -95,8 +124,11 @@ def test_matches_numpy_reference(norm, units):
       np.testing.assert_allclose(float(r), ref.radii[i], rtol=1e-4, atol=1e-7, err_msg=path)
   # The constraint is active: some tensor sits on its ball.
   norms = tpgm_jax.distance_norms(p, params, norm, NOT_HEAD)
-  on_ball = [abs(float(jnp.max(n)) - float(np.clip(r, 1e-8, None))) < 1e-4 * float(r)
-             for n, r in zip(jax.tree.leaves(norms), jax.tree.leaves(radii)) if float(r) > 0]
+  on_ball = [
+    abs(float(jnp.max(n)) - float(np.clip(r, 1e-8, None))) < 1e-4 * float(r)
+    for n, r in zip(jax.tree.leaves(norms), jax.tree.leaves(radii))
+    if float(r) > 0
+  ]
   assert any(on_ball)
 
 
@@ -107,9 +139,14 @@ def test_anchor_units_make_radius_learning_scale_invariant(units, invariant):
 
   def run(scale):
     p0 = jax.tree.map(lambda x: scale * x, params)
-    loss = lambda p, b: _heldout_loss(jax.tree.map(lambda x: x / scale, p), b)
-    tx = optax.chain(optax.sgd(0.05 * scale ** 2), tpgm_jax.trainable_projection(
-        loss, mask=NOT_HEAD, radius_units=units))
+
+    def loss(p, b):
+      return _heldout_loss(jax.tree.map(lambda x: x / scale, p), b)
+
+    tx = optax.chain(
+      optax.sgd(0.05 * scale**2),
+      tpgm_jax.trainable_projection(loss, mask=NOT_HEAD, radius_units=units),
+    )
     state, p = tx.init(p0), p0
     step = jax.jit(lambda p, s, g, h: tx.update(g, s, p, heldout=h))
     for t in range(4):
@@ -119,34 +156,44 @@ def test_anchor_units_make_radius_learning_scale_invariant(units, invariant):
     return p, optax.tree.get(state, "radii")
 
   (p1, r1), (pc, rc) = run(1.0), run(c)
-  same = all(np.allclose(c * np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
-             for a, b in zip(jax.tree.leaves((p1, r1)), jax.tree.leaves((pc, rc))))
+  same = all(
+    np.allclose(c * np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    for a, b in zip(jax.tree.leaves((p1, r1)), jax.tree.leaves((pc, rc)))
+  )
   assert same == invariant
 
 
 def test_converges_to_known_optimum():
   """Training optimum u, held-out optimum a*u with anchor 0: the ball shrinks to a*||u||."""
   u, a = np.random.default_rng(1).normal(size=(6,)).astype(np.float32), 0.35
-  train_loss = lambda p: 0.5 * jnp.sum((p["w"] - u) ** 2)
-  heldout_loss = lambda p, b: jnp.sum((p["w"] - b * u) ** 2)
-  tx = optax.chain(optax.sgd(0.1, momentum=0.9, nesterov=True),
-                   tpgm_jax.trainable_projection(heldout_loss, norm="l2",
-                                                 radius_optimizer=optax.adam(2e-2)))
+
+  def train_loss(p):
+    return 0.5 * jnp.sum((p["w"] - u) ** 2)
+
+  def heldout_loss(p, b):
+    return jnp.sum((p["w"] - b * u) ** 2)
+
+  tx = optax.chain(
+    optax.sgd(0.1, momentum=0.9, nesterov=True),
+    tpgm_jax.trainable_projection(heldout_loss, norm="l2", radius_optimizer=optax.adam(2e-2)),
+  )
   params = {"w": jnp.zeros_like(u)}
   state = tx.init(params)
 
   @jax.jit
   def step(params, state):
-    updates, state = tx.update(jax.grad(train_loss)(params), state, params,
-                               heldout=jnp.full((1,), a, jnp.float32))
+    updates, state = tx.update(
+      jax.grad(train_loss)(params), state, params, heldout=jnp.full((1,), a, jnp.float32)
+    )
     return optax.apply_updates(params, updates), state
 
   for _ in range(400):
     params, state = step(params, state)
   np.testing.assert_allclose(np.linalg.norm(params["w"]), a * np.linalg.norm(u), rtol=2e-2)
   np.testing.assert_allclose(params["w"], a * u, rtol=5e-2, atol=5e-3)
-  np.testing.assert_allclose(float(optax.tree.get(state, "radii")["w"]), a * np.linalg.norm(u),
-                             rtol=2e-2)
+  np.testing.assert_allclose(
+    float(optax.tree.get(state, "radii")["w"]), a * np.linalg.norm(u), rtol=2e-2
+  )
   # Without TPGM the same SGD run reaches the training optimum instead.
   assert np.linalg.norm(a * u - u) > 10 * np.linalg.norm(params["w"] - a * u)
 
@@ -161,14 +208,28 @@ def test_matches_the_functional_recipe():
   u, a = _quadratic()
   anchor = {"w": jnp.zeros_like(u), "head": jnp.zeros(3)}
   not_head = tpgm_jax.path_mask(exclude="head")
-  train_loss = lambda p: 0.5 * jnp.sum((p["w"] - u) ** 2) + jnp.sum((p["head"] - 1) ** 2)
-  heldout_loss = lambda p, b: jnp.sum((p["w"] - b * u) ** 2)
+
+  def train_loss(p):
+    return 0.5 * jnp.sum((p["w"] - u) ** 2) + jnp.sum((p["head"] - 1) ** 2)
+
+  def heldout_loss(p, b):
+    return jnp.sum((p["w"] - b * u) ** 2)
+
   inner = optax.sgd(0.1, momentum=0.9, nesterov=True)
   proj_freq, max_iters = 3, 2
-  tx = optax.chain(inner, tpgm_jax.trainable_projection(
-      heldout_loss, mask=not_head, norm="mars", max_iters=max_iters,
-      radius_optimizer=optax.adam(2e-2)))
-  batches = lambda t: jnp.full((max_iters,), a + 0.01 * (t // proj_freq), jnp.float32)
+  tx = optax.chain(
+    inner,
+    tpgm_jax.trainable_projection(
+      heldout_loss,
+      mask=not_head,
+      norm="mars",
+      max_iters=max_iters,
+      radius_optimizer=optax.adam(2e-2),
+    ),
+  )
+
+  def batches(t):
+    return jnp.full((max_iters,), a + 0.01 * (t // proj_freq), jnp.float32)
 
   @jax.jit
   def chained(params, state, heldout):
@@ -176,8 +237,9 @@ def test_matches_the_functional_recipe():
     return optax.apply_updates(params, updates), state
 
   proj = tpgm_jax.tpgm("mars", not_head)
-  trainer = tpgm_jax.radii_trainer(heldout_loss, norm="mars", mask=not_head,
-                                   optimizer=optax.adam(2e-2), max_iters=max_iters)
+  trainer = tpgm_jax.radii_trainer(
+    heldout_loss, norm="mars", mask=not_head, optimizer=optax.adam(2e-2), max_iters=max_iters
+  )
 
   def explicit(params, inner_state, proj_state, radii, radii_state, t):
     updates, inner_state = inner.update(jax.grad(train_loss)(params), inner_state, params)
@@ -185,14 +247,20 @@ def test_matches_the_functional_recipe():
     if t == 0:
       radii = tpgm_jax.init_radii(candidate, proj_state.anchor, "mars", not_head)
     if t % proj_freq == 0:
-      radii, radii_state, _ = trainer.update(radii, radii_state, candidate, proj_state.anchor,
-                                             batches(t))
+      radii, radii_state, _ = trainer.update(
+        radii, radii_state, candidate, proj_state.anchor, batches(t)
+      )
     updates, proj_state = proj.update(updates, proj_state, params, radii=radii)
     return optax.apply_updates(params, updates), inner_state, proj_state, radii, radii_state
 
   params, state = anchor, tx.init(anchor)
-  ref = (anchor, inner.init(anchor), proj.init(anchor),
-         jax.tree.map(lambda _: jnp.float32(0), anchor), None)
+  ref = (
+    anchor,
+    inner.init(anchor),
+    proj.init(anchor),
+    jax.tree.map(lambda _: jnp.float32(0), anchor),
+    None,
+  )
   ref = ref[:4] + (trainer.init(ref[3]),)
   for t in range(8):
     params, state = chained(params, state, None if t % proj_freq else batches(t))
@@ -217,9 +285,10 @@ def test_first_update_initialises_radii_and_projection_without_heldout():
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-6)
   np.testing.assert_allclose(
-      optax.apply_updates(params, updates)["params"]["dense1"]["kernel"],
-      tpgm_jax.project(candidate, params, want, mask=NOT_HEAD)["params"]["dense1"]["kernel"],
-      rtol=1e-6)
+    optax.apply_updates(params, updates)["params"]["dense1"]["kernel"],
+    tpgm_jax.project(candidate, params, want, mask=NOT_HEAD)["params"]["dense1"]["kernel"],
+    rtol=1e-6,
+  )
   # Later updates keep the radii (no held-out batches: no radius step).
   _, state2 = tx.update(grads, state, params)
   for a, b in zip(jax.tree.leaves(optax.tree.get(state2, "radii")), jax.tree.leaves(got)):
@@ -247,8 +316,10 @@ def test_one_compilation_per_variant_and_donation():
 
 def test_multisteps_accumulates_then_projects():
   params = _mlp_params()
-  make = lambda: optax.chain(optax.sgd(0.5), tpgm_jax.trainable_projection(
-      _heldout_loss, mask=NOT_HEAD))
+
+  def make():
+    return optax.chain(optax.sgd(0.5), tpgm_jax.trainable_projection(_heldout_loss, mask=NOT_HEAD))
+
   multi = optax.MultiSteps(make(), every_k_schedule=2)
   state = multi.init(params)
   step = jax.jit(lambda p, s, g, h: multi.update(g, s, p, heldout=h))
@@ -265,18 +336,24 @@ def test_multisteps_accumulates_then_projects():
   u_ref, single_state = single.update(mean, single.init(params), params, heldout=h)
   for a, b in zip(jax.tree.leaves(p2), jax.tree.leaves(optax.apply_updates(params, u_ref))):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  for a, b in zip(jax.tree.leaves(optax.tree.get(state, "radii")),
-                  jax.tree.leaves(optax.tree.get(single_state, "radii"))):
+  for a, b in zip(
+    jax.tree.leaves(optax.tree.get(state, "radii")),
+    jax.tree.leaves(optax.tree.get(single_state, "radii")),
+  ):
     np.testing.assert_allclose(a, b, rtol=1e-5)
 
 
 def test_bfloat16_params_keep_float32_radii():
   params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _mlp_params())
-  loss = lambda p, b: _heldout_loss(jax.tree.map(lambda x: x.astype(jnp.float32), p), b)
+
+  def loss(p, b):
+    return _heldout_loss(jax.tree.map(lambda x: x.astype(jnp.float32), p), b)
+
   tx = optax.chain(optax.sgd(0.3), tpgm_jax.trainable_projection(loss, mask=NOT_HEAD))
   state = tx.init(params)
   updates, state = jax.jit(lambda p, s, g, h: tx.update(g, s, p, heldout=h))(
-      params, state, _grads(params, 0), _stacked([_batch(0)]))
+    params, state, _grads(params, 0), _stacked([_batch(0)])
+  )
   new = optax.apply_updates(params, updates)
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(new))
   assert all(r.dtype == jnp.float32 for r in jax.tree.leaves(optax.tree.get(state, "radii")))
@@ -291,8 +368,11 @@ def test_errors():
     tx.init(None)
   with pytest.raises(ValueError, match="trainable_projection needs the params: call update"):
     tx.update(params, state)
-  with pytest.raises(ValueError, match=r"heldout at 'x' has shape \(8, 4\); expected a leading axis "
-                                       r"of length max_iters=2"):
+  with pytest.raises(
+    ValueError,
+    match=r"heldout at 'x' has shape \(8, 4\); expected a leading axis "
+    r"of length max_iters=2",
+  ):
     tx.update(params, state, params, heldout=_batch(0))
   with pytest.raises(ValueError, match="heldout is empty"):
     tx.update(params, state, params, heldout={})

@@ -29,56 +29,41 @@ Conventions shared by every function:
 * Bad input raises ``ValueError`` naming the argument or the parameter path.
 """
 
-from tpgm_jax._digrap import DiGraPState
-from tpgm_jax._digrap import digrap
-from tpgm_jax._ftp import FTPState
-from tpgm_jax._ftp import ftp
+from tpgm_jax._digrap import DiGraPState, digrap
+from tpgm_jax._ftp import FTPState, ftp
 from tpgm_jax._interpolate import interpolate
-from tpgm_jax._l2sp import L2SPState
-from tpgm_jax._l2sp import l2sp
-from tpgm_jax._projection import channel_norms
-from tpgm_jax._projection import clip_radii
-from tpgm_jax._projection import distance_norms
-from tpgm_jax._projection import init_radii
-from tpgm_jax._projection import project
-from tpgm_jax._radii import RadiiTrainer
-from tpgm_jax._radii import learn_radii_post_hoc
-from tpgm_jax._radii import radii_trainer
-from tpgm_jax._spd import SPDState
-from tpgm_jax._spd import spd
-from tpgm_jax._transform import TPGMState
-from tpgm_jax._transform import TrainableProjectionState
-from tpgm_jax._transform import tpgm
-from tpgm_jax._transform import trainable_projection
-from tpgm_jax._tree import check_finite
-from tpgm_jax._tree import leaf_paths
-from tpgm_jax._tree import path_mask
+from tpgm_jax._l2sp import L2SPState, l2sp
+from tpgm_jax._projection import channel_norms, clip_radii, distance_norms, init_radii, project
+from tpgm_jax._radii import RadiiTrainer, learn_radii_post_hoc, radii_trainer
+from tpgm_jax._spd import SPDState, spd
+from tpgm_jax._transform import TPGMState, TrainableProjectionState, tpgm, trainable_projection
+from tpgm_jax._tree import check_finite, leaf_paths, path_mask
 
 __version__ = "0.2.0"
 
 __all__ = (
-    "DiGraPState",
-    "FTPState",
-    "L2SPState",
-    "RadiiTrainer",
-    "SPDState",
-    "TPGMState",
-    "TrainableProjectionState",
-    "channel_norms",
-    "check_finite",
-    "clip_radii",
-    "digrap",
-    "distance_norms",
-    "ftp",
-    "init_radii",
-    "interpolate",
-    "l2sp",
-    "learn_radii_post_hoc",
-    "leaf_paths",
-    "path_mask",
-    "project",
-    "radii_trainer",
-    "spd",
-    "tpgm",
-    "trainable_projection",
+  "DiGraPState",
+  "FTPState",
+  "L2SPState",
+  "RadiiTrainer",
+  "SPDState",
+  "TPGMState",
+  "TrainableProjectionState",
+  "channel_norms",
+  "check_finite",
+  "clip_radii",
+  "digrap",
+  "distance_norms",
+  "ftp",
+  "init_radii",
+  "interpolate",
+  "l2sp",
+  "learn_radii_post_hoc",
+  "leaf_paths",
+  "path_mask",
+  "project",
+  "radii_trainer",
+  "spd",
+  "tpgm",
+  "trainable_projection",
 )

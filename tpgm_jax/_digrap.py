@@ -1,4 +1,5 @@
-"""DiGraP (Directional Gradient Projection): a trainable gradient projection before the optimizer."""
+"""DiGraP (Directional Gradient Projection): a trainable gradient projection before the
+optimizer."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class DiGraPState(NamedTuple):
       displacement, ``p_{t-1}`` (shape of the parameter, dtype of ``omega``);
       zeros initially.
   """
+
   count: jax.Array
   anchor: PyTree
   omega: PyTree
@@ -47,9 +49,13 @@ class DiGraPState(NamedTuple):
   prev_projection: PyTree
 
 
-def digrap(*, strength_lr: _tree.ScalarOrSchedule, mask: _tree.Mask = None,
-           anchor: Literal["init", "zeros"] = "init",
-           max_strength: _tree.ScalarOrSchedule = 1.0) -> optax.GradientTransformation:
+def digrap(
+  *,
+  strength_lr: _tree.ScalarOrSchedule,
+  mask: _tree.Mask = None,
+  anchor: Literal["init", "zeros"] = "init",
+  max_strength: _tree.ScalarOrSchedule = 1.0,
+) -> optax.GradientTransformation:
   """Projects conflicting gradient components off the displacement from the anchor.
 
   A link placed BEFORE the optimizer, like ``optax.add_decayed_weights``:
@@ -87,9 +93,9 @@ def digrap(*, strength_lr: _tree.ScalarOrSchedule, mask: _tree.Mask = None,
     strength_lr: learning rate ``mu`` of omega's Adam: a number or an optax
       schedule of the step count (a finite number > 0, or ``schedule(count)
       -> scalar`` evaluated at ``count = t - 1``, the number of steps before
-      this one, the ``count`` field of :class:`DiGraPState`). The paper's hyper-parameter table was not available to us; the
-      experiments use 0.05 (an earlier value of the prototype, which now
-      uses 0.5).
+      this one, the ``count`` field of :class:`DiGraPState`). The paper's
+      hyper-parameter table was not available to us; the experiments use
+      0.05 (an earlier value of the prototype, which now uses 0.5).
     mask: which tensors are projected, as ``optax.masked`` takes it: ``None``
       (every floating-point tensor), a pytree of static bools (or a prefix),
       or a callable ``params -> bool pytree`` such as
@@ -134,20 +140,28 @@ def digrap(*, strength_lr: _tree.ScalarOrSchedule, mask: _tree.Mask = None,
     _tree.require_params(params, "digrap", "tx.init(params) with the pre-trained params")
     if anchor == "zeros":
       anchors = _tree.map_constrained(
-          lambda a: jnp.zeros((), jnp.float32),
-          _tree.masked_anchor(params, params, mask), otherwise=lambda: _tree.MaskedNode())
+        lambda a: jnp.zeros((), jnp.float32),
+        _tree.masked_anchor(params, params, mask),
+        otherwise=lambda: _tree.MaskedNode(),
+      )
     else:
       anchors = _tree.record_anchor(params, mask)
     like = _tree.masked_anchor(params, params, mask)
-    per_tensor = lambda fn: _tree.map_constrained(fn, like, otherwise=lambda: _tree.MaskedNode())
-    dtype = lambda a: _projection.compute_dtype(a.dtype)
+
+    def per_tensor(fn):
+      return _tree.map_constrained(fn, like, otherwise=lambda: _tree.MaskedNode())
+
+    def dtype(a):
+      return _projection.compute_dtype(a.dtype)
+
     return DiGraPState(
-        count=jnp.zeros((), jnp.int32),
-        anchor=anchors,
-        omega=per_tensor(lambda a: jnp.zeros((), dtype(a))),
-        omega_mu=per_tensor(lambda a: jnp.zeros((), dtype(a))),
-        omega_nu=per_tensor(lambda a: jnp.zeros((), dtype(a))),
-        prev_projection=per_tensor(lambda a: jnp.zeros(a.shape, dtype(a))))
+      count=jnp.zeros((), jnp.int32),
+      anchor=anchors,
+      omega=per_tensor(lambda a: jnp.zeros((), dtype(a))),
+      omega_mu=per_tensor(lambda a: jnp.zeros((), dtype(a))),
+      omega_nu=per_tensor(lambda a: jnp.zeros((), dtype(a))),
+      prev_projection=per_tensor(lambda a: jnp.zeros(a.shape, dtype(a))),
+    )
 
   def update_fn(grads, state, params=None):
     _tree.require_params(params, "digrap", "update(grads, state, params)")
@@ -162,18 +176,27 @@ def digrap(*, strength_lr: _tree.ScalarOrSchedule, mask: _tree.Mask = None,
     scheduled = (_tree.is_schedule(strength_lr), _tree.is_schedule(max_strength))
     count = optax.safe_int32_increment(state.count)
     rows = _tree.map_constrained(
-        lambda w0, *xs: _digrap_tensor(w0, *xs, count=count, lr=lr, max_strength=kappa,
-                                       scheduled=scheduled),
-        w0, params, grads, state.omega, state.omega_mu, state.omega_nu,
-        state.prev_projection, otherwise=lambda w, g, *rest: (g, *rest))
+      lambda w0, *xs: _digrap_tensor(
+        w0, *xs, count=count, lr=lr, max_strength=kappa, scheduled=scheduled
+      ),
+      w0,
+      params,
+      grads,
+      state.omega,
+      state.omega_mu,
+      state.omega_nu,
+      state.prev_projection,
+      otherwise=lambda w, g, *rest: (g, *rest),
+    )
     grads, *fields = _tree.unzip(w0, rows, 5)
     return grads, DiGraPState(count, state.anchor, *fields)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _digrap_tensor(w0, w, g, omega, mu, nu, prev_p, *, count, lr, max_strength,
-                   scheduled=(False, False)):
+def _digrap_tensor(
+  w0, w, g, omega, mu, nu, prev_p, *, count, lr, max_strength, scheduled=(False, False)
+):
   """One constrained tensor's DiGraP step: ``(gradient, omega, mu, nu, p)``."""
   ct = omega.dtype
   lr = _tree.in_dtype(lr, ct, scheduled[0])
@@ -182,8 +205,9 @@ def _digrap_tensor(w0, w, g, omega, mu, nu, prev_p, *, count, lr, max_strength,
   r = w.astype(ct) - jnp.asarray(w0).astype(ct)
   dot = jnp.sum(gc * r)
   p = (dot / (jnp.sum(jnp.square(r)) + EPS)) * r
-  h = jnp.sum(gc * prev_p) / (jnp.sqrt(jnp.sum(jnp.square(gc)))
-                              * jnp.sqrt(jnp.sum(jnp.square(prev_p))) + EPS)
+  h = jnp.sum(gc * prev_p) / (
+    jnp.sqrt(jnp.sum(jnp.square(gc))) * jnp.sqrt(jnp.sum(jnp.square(prev_p))) + EPS
+  )
   step, mu, nu = _wrapper.scalar_adam(h, mu, nu, count, OMEGA_B1, OMEGA_B2, EPS)
   omega = jnp.clip(omega - lr * step, 0.0, max_strength)
   new_g = jnp.where(dot < 0, gc - omega * p, gc).astype(jnp.result_type(g))

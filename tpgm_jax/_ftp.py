@@ -39,6 +39,7 @@ class FTPState(NamedTuple):
       shape ``(out,)`` (``"mars"``, rank >= 2) or ``()``; ones initially.
     inner_state: the inner optimizer's state, never projected.
   """
+
   count: jax.Array
   anchor: PyTree
   gamma: PyTree
@@ -53,9 +54,13 @@ def _norms_shape(shape: tuple[int, ...], norm: str) -> tuple[int, ...]:
   return (shape[-1],) if norm == "mars" and len(shape) >= 2 else ()
 
 
-def ftp(inner: optax.GradientTransformation, *, k: _tree.ScalarOrSchedule = 1.0,
-        mask: _tree.Mask = None,
-        norm: _projection.Norm = "mars") -> optax.GradientTransformationExtraArgs:
+def ftp(
+  inner: optax.GradientTransformation,
+  *,
+  k: _tree.ScalarOrSchedule = 1.0,
+  mask: _tree.Mask = None,
+  norm: _projection.Norm = "mars",
+) -> optax.GradientTransformationExtraArgs:
   """Wraps an optimizer with FTP's trainable projection toward the anchor.
 
   For every constrained tensor ``w`` (anchor ``w0``) with raw gradient
@@ -145,39 +150,54 @@ def ftp(inner: optax.GradientTransformation, *, k: _tree.ScalarOrSchedule = 1.0,
   def init_fn(params):
     _tree.require_params(params, "ftp", "tx.init(params) with the pre-trained params")
     anchor = _tree.record_anchor(params, mask)
-    scalar = lambda value: lambda a: jnp.full((), value, _projection.compute_dtype(a.dtype))
+
+    def scalar(value):
+      return lambda a: jnp.full((), value, _projection.compute_dtype(a.dtype))
+
     return FTPState(
-        count=jnp.zeros((), jnp.int32),
-        anchor=anchor,
-        gamma=_wrapper.per_anchor(anchor, scalar(EPS)),
-        gamma_mu=_wrapper.per_anchor(anchor, scalar(0.0)),
-        gamma_nu=_wrapper.per_anchor(anchor, scalar(0.0)),
-        prev_displacement=_wrapper.per_anchor(anchor, jnp.zeros_like),
-        prev_norms=_wrapper.per_anchor(anchor, lambda a: jnp.ones(
-            _norms_shape(a.shape, norm), _projection.compute_dtype(a.dtype))),
-        inner_state=inner.init(params))
+      count=jnp.zeros((), jnp.int32),
+      anchor=anchor,
+      gamma=_wrapper.per_anchor(anchor, scalar(EPS)),
+      gamma_mu=_wrapper.per_anchor(anchor, scalar(0.0)),
+      gamma_nu=_wrapper.per_anchor(anchor, scalar(0.0)),
+      prev_displacement=_wrapper.per_anchor(anchor, jnp.zeros_like),
+      prev_norms=_wrapper.per_anchor(
+        anchor, lambda a: jnp.ones(_norms_shape(a.shape, norm), _projection.compute_dtype(a.dtype))
+      ),
+      inner_state=inner.init(params),
+    )
 
   def update_fn(grads, state, params=None, **extra_args):
     _tree.require_params(params, "ftp", "update(grads, state, params)")
     anchor = state.anchor
     _tree.check_anchor(params, anchor)
-    updates, inner_state = _wrapper.inner_update(inner, grads, state.inner_state, params,
-                                                 extra_args)
+    updates, inner_state = _wrapper.inner_update(
+      inner, grads, state.inner_state, params, extra_args
+    )
     k_t = _tree.schedule_value("k", k, state.count)
     count = optax.safe_int32_increment(state.count)
     rows = _tree.map_constrained(
-        lambda w0, *xs: _ftp_tensor(w0, *xs, count=count, k=k_t, norm=norm,
-                                    scheduled=_tree.is_schedule(k)),
-        anchor, params, grads, updates, state.gamma, state.gamma_mu, state.gamma_nu,
-        state.prev_displacement, state.prev_norms, otherwise=lambda w, g, u, *rest: (u, *rest))
+      lambda w0, *xs: _ftp_tensor(
+        w0, *xs, count=count, k=k_t, norm=norm, scheduled=_tree.is_schedule(k)
+      ),
+      anchor,
+      params,
+      grads,
+      updates,
+      state.gamma,
+      state.gamma_mu,
+      state.gamma_nu,
+      state.prev_displacement,
+      state.prev_norms,
+      otherwise=lambda w, g, u, *rest: (u, *rest),
+    )
     updates, *fields = _tree.unzip(anchor, rows, 6)
     return updates, FTPState(count, anchor, *fields, inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _ftp_tensor(w0, w, g, u, gamma, mu, nu, prev_c, prev_n, *, count, k, norm,
-                scheduled=False):
+def _ftp_tensor(w0, w, g, u, gamma, mu, nu, prev_c, prev_n, *, count, k, norm, scheduled=False):
   """One constrained tensor's FTP step: ``(update, gamma, mu, nu, c, n)``."""
   ct = gamma.dtype
   k = _tree.in_dtype(k, ct, scheduled)

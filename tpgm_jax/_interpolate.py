@@ -12,8 +12,9 @@ from tpgm_jax import _projection, _tree
 PyTree = Any
 
 
-def interpolate(finetuned: PyTree, pretrained: PyTree, *, alpha: float | jax.Array,
-                mask: _tree.Mask = None) -> PyTree:
+def interpolate(
+  finetuned: PyTree, pretrained: PyTree, *, alpha: float | jax.Array, mask: _tree.Mask = None
+) -> PyTree:
   """WiSE-FT: ``(1 - alpha) * pretrained + alpha * finetuned`` per tensor.
 
   ``alpha = 0`` gives the pre-trained model, ``alpha = 1`` the fine-tuned one

@@ -23,12 +23,14 @@ class L2SPState(NamedTuple):
       dtype and sharding of the parameter), recorded by ``init``;
       ``optax.MaskedNode()`` for the others.
   """
+
   count: jax.Array
   anchor: PyTree
 
 
-def l2sp(alpha: _tree.ScalarOrSchedule, beta: _tree.ScalarOrSchedule = 0.0,
-         mask: _tree.Mask = None) -> optax.GradientTransformation:
+def l2sp(
+  alpha: _tree.ScalarOrSchedule, beta: _tree.ScalarOrSchedule = 0.0, mask: _tree.Mask = None
+) -> optax.GradientTransformation:
   """Adds the gradient of the L2-SP penalty to the updates.
 
   The penalty ``alpha / 2 ||w_S - w0_S||^2 + beta / 2 ||w_N||^2`` (``S`` the
@@ -105,7 +107,8 @@ def l2sp(alpha: _tree.ScalarOrSchedule, beta: _tree.ScalarOrSchedule = 0.0,
       return (u.astype(ct) + b_ct * w.astype(ct)).astype(u.dtype)
 
     new_state = L2SPState(optax.safe_int32_increment(state.count), state.anchor)
-    return _tree.map_constrained(anchored, state.anchor, updates, params,
-                                 otherwise=others), new_state
+    return _tree.map_constrained(
+      anchored, state.anchor, updates, params, otherwise=others
+    ), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)

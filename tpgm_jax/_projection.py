@@ -87,8 +87,9 @@ def clip_radius(r: jax.Array, norms: jax.Array) -> jax.Array:
   return jnp.clip(r, EPS, jnp.maximum(max_norm(norms), EPS))
 
 
-def project_displacement(w0: jax.Array, d: jax.Array, norms: jax.Array,
-                         r: jax.Array, dtype: Any) -> jax.Array:
+def project_displacement(
+  w0: jax.Array, d: jax.Array, norms: jax.Array, r: jax.Array, dtype: Any
+) -> jax.Array:
   """``w0 + clip(clip_radius(r) / (norms + 1e-8), 0, 1) * d``, cast to ``dtype``."""
   ct = d.dtype
   ratio = jnp.clip(clip_radius(r.astype(ct), norms) / (norms + EPS), 0.0, 1.0)
@@ -105,34 +106,47 @@ def displacement(w: jax.Array, w0: jax.Array, norm: Norm) -> tuple[jax.Array, ja
   return d, jax.lax.stop_gradient(channel_norms(d, norm))
 
 
-def constrained_displacements(params: PyTree, anchor: PyTree, norm: Norm,
-                              mask: _tree.Mask = None, name: str = "anchor"
-                              ) -> tuple[PyTree, PyTree]:
+def constrained_displacements(
+  params: PyTree, anchor: PyTree, norm: Norm, mask: _tree.Mask = None, name: str = "anchor"
+) -> tuple[PyTree, PyTree]:
   """``(anchor tree, tree of (w0, d, norms))``: the displacement and norms of
   every constrained tensor (:func:`displacement`), ``MaskedNode`` elsewhere."""
   _check_norm(norm)
   anchor = _tree.masked_anchor(params, anchor, mask, name)
-  cached = _tree.map_constrained(lambda w0, w: (w0, *displacement(w, w0, norm)),
-                                 anchor, params, otherwise=lambda w: _tree.MaskedNode())
+  cached = _tree.map_constrained(
+    lambda w0, w: (w0, *displacement(w, w0, norm)),
+    anchor,
+    params,
+    otherwise=lambda w: _tree.MaskedNode(),
+  )
   return anchor, cached
 
 
 def project_cached(params: PyTree, anchor: PyTree, cached: PyTree, radii: PyTree) -> PyTree:
   """:func:`project` from the output of :func:`constrained_displacements`."""
   return _tree.map_constrained(
-      lambda _, w, c, r: project_displacement(c[0], c[1], c[2], r, jnp.result_type(w)),
-      anchor, params, cached, radii)
+    lambda _, w, c, r: project_displacement(c[0], c[1], c[2], r, jnp.result_type(w)),
+    anchor,
+    params,
+    cached,
+    radii,
+  )
 
 
 def clip_cached(anchor: PyTree, cached: PyTree, radii: PyTree) -> PyTree:
   """:func:`clip_radii` from the output of :func:`constrained_displacements`."""
   return _tree.map_constrained(
-      lambda _, c, r: clip_radius(r, c[2]).astype(jnp.result_type(r)), anchor, cached, radii,
-      otherwise=lambda c, r: r)
+    lambda _, c, r: clip_radius(r, c[2]).astype(jnp.result_type(r)),
+    anchor,
+    cached,
+    radii,
+    otherwise=lambda c, r: r,
+  )
 
 
-def distance_norms(params: PyTree, anchor: PyTree, norm: Norm = "mars",
-                   mask: _tree.Mask = None) -> PyTree:
+def distance_norms(
+  params: PyTree, anchor: PyTree, norm: Norm = "mars", mask: _tree.Mask = None
+) -> PyTree:
   """The distance norms of every constrained tensor to its anchor.
 
   Args:
@@ -151,8 +165,9 @@ def distance_norms(params: PyTree, anchor: PyTree, norm: Norm = "mars",
   return _tree.map_constrained(lambda _, c: c[2], anchor, cached, otherwise=lambda c: None)
 
 
-def init_radii(params: PyTree, anchor: PyTree, norm: Norm = "mars",
-               mask: _tree.Mask = None) -> PyTree:
+def init_radii(
+  params: PyTree, anchor: PyTree, norm: Norm = "mars", mask: _tree.Mask = None
+) -> PyTree:
   """Initial radii: ``min(norms) / 2`` per tensor, as float32 scalars.
 
   TPGM initialises the radii at the first projection update, i.e. from the
@@ -184,12 +199,16 @@ def init_radii(params: PyTree, anchor: PyTree, norm: Norm = "mars",
 def initial_radii(anchor: PyTree, cached: PyTree) -> PyTree:
   """:func:`init_radii` from the output of :func:`constrained_displacements`."""
   return _tree.map_constrained(
-      lambda _, c: (jnp.min(c[2]) / 2).astype(jnp.float32), anchor, cached,
-      otherwise=lambda c: jnp.zeros((), jnp.float32))
+    lambda _, c: (jnp.min(c[2]) / 2).astype(jnp.float32),
+    anchor,
+    cached,
+    otherwise=lambda c: jnp.zeros((), jnp.float32),
+  )
 
 
-def clip_radii(radii: PyTree, params: PyTree, anchor: PyTree, norm: Norm = "mars",
-               mask: _tree.Mask = None) -> PyTree:
+def clip_radii(
+  radii: PyTree, params: PyTree, anchor: PyTree, norm: Norm = "mars", mask: _tree.Mask = None
+) -> PyTree:
   """The radii clipped to ``[1e-8, max(norms)]``, the values the projection uses.
 
   The reference implementation replaces its stored radii by these clipped
@@ -201,8 +220,9 @@ def clip_radii(radii: PyTree, params: PyTree, anchor: PyTree, norm: Norm = "mars
   return clip_cached(anchor, cached, radii)
 
 
-def project(params: PyTree, anchor: PyTree, radii: PyTree, norm: Norm = "mars",
-            mask: _tree.Mask = None) -> PyTree:
+def project(
+  params: PyTree, anchor: PyTree, radii: PyTree, norm: Norm = "mars", mask: _tree.Mask = None
+) -> PyTree:
   """Projects every constrained tensor into its ball around the anchor.
 
   ``w' = w0 + clip(clip(r, 1e-8, max(n)) / (n + 1e-8), 0, 1) * (w - w0)``

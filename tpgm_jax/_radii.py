@@ -26,14 +26,20 @@ class RadiiTrainer(NamedTuple):
       a leading axis of length ``max_iters`` (one held-out batch per
       iteration) and ``losses`` has shape ``(max_iters,)``.
   """
+
   init: Callable[[PyTree], optax.OptState]
   update: Callable[..., tuple[PyTree, optax.OptState, jax.Array]]
 
 
-def radii_trainer(loss_fn: LossFn, *, norm: _projection.Norm = "mars",
-                  mask: _tree.Mask = None,
-                  optimizer: optax.GradientTransformation | None = None,
-                  max_iters: int = 1, radius_units: str = "absolute") -> RadiiTrainer:
+def radii_trainer(
+  loss_fn: LossFn,
+  *,
+  norm: _projection.Norm = "mars",
+  mask: _tree.Mask = None,
+  optimizer: optax.GradientTransformation | None = None,
+  max_iters: int = 1,
+  radius_units: str = "absolute",
+) -> RadiiTrainer:
   """The radius update of TPGM's outer loop, as a pair of jit-able functions.
 
   One call of ``update`` runs ``max_iters`` iterations; iteration ``k``:
@@ -96,24 +102,37 @@ def radii_trainer(loss_fn: LossFn, *, norm: _projection.Norm = "mars",
     check_batches(batches, max_iters)
     anchor, cached = _projection.constrained_displacements(params, anchor, norm, mask)
     _tree.check_radii(params, radii, anchor)
-    return radius_steps(loss_fn, optimizer, params, anchor, cached, radii, opt_state,
-                        batches, max_iters, norm, radius_units)
+    return radius_steps(
+      loss_fn,
+      optimizer,
+      params,
+      anchor,
+      cached,
+      radii,
+      opt_state,
+      batches,
+      max_iters,
+      norm,
+      radius_units,
+    )
 
   return RadiiTrainer(init=optimizer.init, update=update)
 
 
 def _check_loss_fn(loss_fn):
   if not callable(loss_fn):
-    raise ValueError(f"the held-out loss must be a callable loss(params, batch) -> scalar, "
-                     f"got {loss_fn!r}")
+    raise ValueError(
+      f"the held-out loss must be a callable loss(params, batch) -> scalar, got {loss_fn!r}"
+    )
 
 
 def _check_optimizer(optimizer):
   if optimizer is None:
     return optax.adam(1e-2)
   if not isinstance(optimizer, optax.GradientTransformation):
-    raise ValueError(f"the radius optimizer must be an optax GradientTransformation, "
-                     f"got {optimizer!r}")
+    raise ValueError(
+      f"the radius optimizer must be an optax GradientTransformation, got {optimizer!r}"
+    )
   return optimizer
 
 
@@ -127,15 +146,25 @@ def _check_units(units: str) -> None:
 def anchor_scale(w0: jax.Array, norm: _projection.Norm) -> jax.Array:
   """The unit of an ``"anchor"`` radius: the largest distance norm of the anchor tensor
   itself (from 0), 1 for an all-zero anchor; float32 (float64 for float64)."""
-  scale = _projection.max_norm(_projection.channel_norms(
-      w0.astype(_projection.compute_dtype(w0.dtype)), norm))
+  scale = _projection.max_norm(
+    _projection.channel_norms(w0.astype(_projection.compute_dtype(w0.dtype)), norm)
+  )
   return jnp.where(scale > 0, scale, jnp.ones_like(scale))
 
 
-def radius_steps(loss_fn: LossFn, optimizer: optax.GradientTransformation, params: PyTree,
-                 anchor: PyTree, cached: PyTree, radii: PyTree, opt_state: optax.OptState,
-                 batches: PyTree, max_iters: int, norm: _projection.Norm = "mars",
-                 units: str = "absolute") -> tuple[PyTree, optax.OptState, jax.Array]:
+def radius_steps(
+  loss_fn: LossFn,
+  optimizer: optax.GradientTransformation,
+  params: PyTree,
+  anchor: PyTree,
+  cached: PyTree,
+  radii: PyTree,
+  opt_state: optax.OptState,
+  batches: PyTree,
+  max_iters: int,
+  norm: _projection.Norm = "mars",
+  units: str = "absolute",
+) -> tuple[PyTree, optax.OptState, jax.Array]:
   """``max_iters`` radius iterations from precomputed displacements and norms
   (:func:`tpgm_jax._projection.constrained_displacements`).
 
@@ -144,16 +173,23 @@ def radius_steps(loss_fn: LossFn, optimizer: optax.GradientTransformation, param
   """
   to_units = to_radii = lambda tree: tree
   if units == "anchor":
-    scale = _tree.map_constrained(lambda _, c: anchor_scale(c[0], norm), anchor, cached,
-                                  otherwise=lambda c: 1.0)
-    to_units = lambda r: jax.tree.map(lambda x, u: (x / u).astype(x.dtype), r, scale)
-    to_radii = lambda v: jax.tree.map(lambda x, u: (x * u).astype(x.dtype), v, scale)
+    scale = _tree.map_constrained(
+      lambda _, c: anchor_scale(c[0], norm), anchor, cached, otherwise=lambda c: 1.0
+    )
+
+    def to_units(r):
+      return jax.tree.map(lambda x, u: (x / u).astype(x.dtype), r, scale)
+
+    def to_radii(v):
+      return jax.tree.map(lambda x, u: (x * u).astype(x.dtype), v, scale)
 
   def step(radii, opt_state, batch):
     radii = _projection.clip_cached(anchor, cached, radii)
-    loss, grads = jax.value_and_grad(lambda v: scalar_loss(loss_fn(
-        _projection.project_cached(params, anchor, cached, to_radii(v)), batch)))(
-            to_units(radii))
+    loss, grads = jax.value_and_grad(
+      lambda v: scalar_loss(
+        loss_fn(_projection.project_cached(params, anchor, cached, to_radii(v)), batch)
+      )
+    )(to_units(radii))
     updates, opt_state = optimizer.update(grads, opt_state, to_units(radii))
     return to_radii(optax.apply_updates(to_units(radii), updates)), opt_state, loss
 
@@ -171,25 +207,35 @@ def scalar_loss(out: Any) -> jax.Array:
   """The held-out loss's value, checked to be a floating-point scalar (a static check)."""
   if isinstance(out, numbers.Real) and not isinstance(out, bool):
     out = jnp.asarray(out, jnp.float32)
-  if not (hasattr(out, "shape") and hasattr(out, "dtype")) or jnp.shape(out) != () or not (
-      jnp.issubdtype(out.dtype, jnp.floating)):
-    got = (f"an array of shape {jnp.shape(out)} and dtype {out.dtype}"
-           if hasattr(out, "shape") and hasattr(out, "dtype") else f"a {type(out).__name__}")
+  if (
+    not (hasattr(out, "shape") and hasattr(out, "dtype"))
+    or jnp.shape(out) != ()
+    or not (jnp.issubdtype(out.dtype, jnp.floating))
+  ):
+    got = (
+      f"an array of shape {jnp.shape(out)} and dtype {out.dtype}"
+      if hasattr(out, "shape") and hasattr(out, "dtype")
+      else f"a {type(out).__name__}"
+    )
     raise ValueError(
-        f"the held-out loss must return a floating-point scalar (reduce it, e.g. with "
-        f".mean(); return no auxiliary outputs), got {got}")
+      f"the held-out loss must return a floating-point scalar (reduce it, e.g. with "
+      f".mean(); return no auxiliary outputs), got {got}"
+    )
   return out
 
 
-_STACK_HINT = ("stack a list of batches into one pytree with "
-               "jax.tree.map(lambda *b: jnp.stack(b), *batches)")
+_STACK_HINT = (
+  "stack a list of batches into one pytree with jax.tree.map(lambda *b: jnp.stack(b), *batches)"
+)
 
 
 def check_batches(batches: PyTree, max_iters: int, name: str = "batches") -> None:
   """Checks a held-out batch pytree: every leaf is an array with a leading axis of
   ``max_iters`` (one stacked batch per radius iteration). Static: costs nothing under jit."""
-  expected = (f"expected one pytree of arrays whose leaves have a leading axis of length "
-              f"max_iters={max_iters} (one held-out batch per radius iteration)")
+  expected = (
+    f"expected one pytree of arrays whose leaves have a leading axis of length "
+    f"max_iters={max_iters} (one held-out batch per radius iteration)"
+  )
   if batches is None or isinstance(batches, (str, bytes)):
     raise ValueError(f"{name} is {batches!r}; {expected}")
   leaves = jax.tree.leaves(batches)
@@ -201,9 +247,10 @@ def check_batches(batches: PyTree, max_iters: int, name: str = "batches") -> Non
       raise ValueError(f"{name} at '{path}' is a {type(leaf).__name__} ({leaf!r}); {expected}")
     if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != max_iters:
       raise ValueError(
-          f"{name} at '{path}' has shape {jnp.shape(leaf)}; expected a leading axis of length "
-          f"max_iters={max_iters} (one held-out batch per radius iteration; use batch[None] "
-          f"for max_iters=1" + (f"; {_STACK_HINT}" if listed else "") + ")")
+        f"{name} at '{path}' has shape {jnp.shape(leaf)}; expected a leading axis of length "
+        f"max_iters={max_iters} (one held-out batch per radius iteration; use batch[None] "
+        f"for max_iters=1" + (f"; {_STACK_HINT}" if listed else "") + ")"
+      )
 
 
 def _batch_signature(batch: Any) -> tuple[Any, list[Any]]:
@@ -219,48 +266,60 @@ def check_batch_sequence(batches: Any, name: str = "batches") -> None:
   a ``ValueError``; so does a sequence whose batches differ in tree structure,
   shapes or dtypes (:func:`check_same_batch`).
   """
-  one = ("pass a list (or a generator) of held-out batches, e.g. [batch] for one batch")
+  one = "pass a list (or a generator) of held-out batches, e.g. [batch] for one batch"
   if batches is None or isinstance(batches, (str, bytes)):
     raise ValueError(f"{name} is {batches!r}; {one}")
   if isinstance(batches, Mapping) or hasattr(batches, "shape"):
-    raise ValueError(f"{name} must be an iterable of held-out batches, not a single batch "
-                     f"({type(batches).__name__}); {one}")
-  if isinstance(batches, tuple) and batches and all(
-      hasattr(x, "shape") for x in batches):
+    raise ValueError(
+      f"{name} must be an iterable of held-out batches, not a single batch "
+      f"({type(batches).__name__}); {one}"
+    )
+  if isinstance(batches, tuple) and batches and all(hasattr(x, "shape") for x in batches):
     shapes = ", ".join(str(jnp.shape(x)) for x in batches[:4])
     raise ValueError(
-        f"{name} is a tuple of {len(batches)} arrays (shapes {shapes}), which looks like a "
-        f"single (x, y) batch; iterating it would take each array as a batch. Pass "
-        f"[(x, y)] for one batch, or a list of batches")
+      f"{name} is a tuple of {len(batches)} arrays (shapes {shapes}), which looks like a "
+      f"single (x, y) batch; iterating it would take each array as a batch. Pass "
+      f"[(x, y)] for one batch, or a list of batches"
+    )
   if not isinstance(batches, Iterable):
-    raise ValueError(f"{name} must be an iterable of held-out batches, got "
-                     f"{type(batches).__name__}; {one}")
+    raise ValueError(
+      f"{name} must be an iterable of held-out batches, got {type(batches).__name__}; {one}"
+    )
   if isinstance(batches, Sequence) and batches:
     first = _batch_signature(batches[0])
     for i, batch in enumerate(batches[1:], 1):
       check_same_batch(first, batch, i, name)
 
 
-def check_same_batch(first: tuple[Any, list[Any]], batch: Any, index: int,
-                     name: str = "batches") -> None:
+def check_same_batch(
+  first: tuple[Any, list[Any]], batch: Any, index: int, name: str = "batches"
+) -> None:
   """Batch ``index`` must have the tree structure, shapes and dtypes of batch 0."""
   structure, leaves = _batch_signature(batch)
   if structure != first[0]:
-    raise ValueError(f"{name} is ragged: batch {index} has tree structure {structure}, batch 0 "
-                     f"has {first[0]}")
+    raise ValueError(
+      f"{name} is ragged: batch {index} has tree structure {structure}, batch 0 has {first[0]}"
+    )
   for path, got, want in zip(_tree.leaf_paths(batch), leaves, first[1]):
     if got != want:
       raise ValueError(
-          f"{name} is ragged: batch {index} at '{path}' has shape {got[0]} and dtype {got[1]}, "
-          f"batch 0 has {want[0]} and {want[1]}; use batches of one size (drop the remainder)")
+        f"{name} is ragged: batch {index} at '{path}' has shape {got[0]} and dtype {got[1]}, "
+        f"batch 0 has {want[0]} and {want[1]}; use batches of one size (drop the remainder)"
+      )
 
 
-def learn_radii_post_hoc(loss_fn: LossFn, finetuned: PyTree, pretrained: PyTree,
-                         batches: Iterable[Any], *, norm: _projection.Norm = "mars",
-                         mask: _tree.Mask = None,
-                         optimizer: optax.GradientTransformation | None = None,
-                         radii: PyTree | None = None,
-                         radius_units: str = "absolute") -> tuple[PyTree, PyTree]:
+def learn_radii_post_hoc(
+  loss_fn: LossFn,
+  finetuned: PyTree,
+  pretrained: PyTree,
+  batches: Iterable[Any],
+  *,
+  norm: _projection.Norm = "mars",
+  mask: _tree.Mask = None,
+  optimizer: optax.GradientTransformation | None = None,
+  radii: PyTree | None = None,
+  radius_units: str = "absolute",
+) -> tuple[PyTree, PyTree]:
   """Post-hoc TPGM: learns radii between two models, then projects once.
 
   The recipe used with CLIP ViTs on ImageNet: fine-tune normally, then
@@ -294,14 +353,16 @@ def learn_radii_post_hoc(loss_fn: LossFn, finetuned: PyTree, pretrained: PyTree,
       above), ``loss_fn`` does not return a floating-point scalar, or the
       trees do not match (the message names the path).
   """
-  trainer = radii_trainer(loss_fn, norm=norm, mask=mask, optimizer=optimizer,
-                          radius_units=radius_units)
+  trainer = radii_trainer(
+    loss_fn, norm=norm, mask=mask, optimizer=optimizer, radius_units=radius_units
+  )
   check_batch_sequence(batches)
   if radii is None:
     radii = _projection.init_radii(finetuned, pretrained, norm, mask)
   state = trainer.init(radii)
-  step = jax.jit(lambda r, s, ft, pre, b: trainer.update(
-      r, s, ft, pre, jax.tree.map(lambda x: x[None], b))[:2])
+  step = jax.jit(
+    lambda r, s, ft, pre, b: trainer.update(r, s, ft, pre, jax.tree.map(lambda x: x[None], b))[:2]
+  )
   steps, first = 0, None
   for batch in batches:
     if first is None:

@@ -26,14 +26,19 @@ class SPDState(NamedTuple):
       ``anchor="zeros"``, ``optax.MaskedNode()`` everywhere (nothing stored).
     inner_state: the inner optimizer's state.
   """
+
   count: jax.Array
   anchor: PyTree
   inner_state: optax.OptState
 
 
-def spd(inner: optax.GradientTransformation, *, weight_decay: _tree.ScalarOrSchedule,
-        mask: _tree.Mask = None,
-        anchor: Literal["init", "zeros"] = "init") -> optax.GradientTransformationExtraArgs:
+def spd(
+  inner: optax.GradientTransformation,
+  *,
+  weight_decay: _tree.ScalarOrSchedule,
+  mask: _tree.Mask = None,
+  anchor: Literal["init", "zeros"] = "init",
+) -> optax.GradientTransformationExtraArgs:
   """Wraps an optimizer with Selective Projection Decay toward the anchor.
 
   For every constrained tensor ``w`` (anchor ``w0``) with raw gradient ``g``
@@ -102,8 +107,7 @@ def spd(inner: optax.GradientTransformation, *, weight_decay: _tree.ScalarOrSche
       anchors = _tree.record_anchor(params, lambda p: False)
     else:
       anchors = _tree.record_anchor(params, mask)
-    return SPDState(count=jnp.zeros((), jnp.int32), anchor=anchors,
-                    inner_state=inner.init(params))
+    return SPDState(count=jnp.zeros((), jnp.int32), anchor=anchors, inner_state=inner.init(params))
 
   def update_fn(grads, state, params=None, **extra_args):
     _tree.require_params(params, "spd", "update(grads, state, params)")
@@ -112,13 +116,19 @@ def spd(inner: optax.GradientTransformation, *, weight_decay: _tree.ScalarOrSche
       w0 = _tree.masked_anchor(params, jax.tree.map(jnp.zeros_like, params), mask)
     else:
       w0 = _tree.masked_anchor(params, state.anchor)
-    updates, inner_state = _wrapper.inner_update(inner, grads, state.inner_state, params,
-                                                 extra_args)
+    updates, inner_state = _wrapper.inner_update(
+      inner, grads, state.inner_state, params, extra_args
+    )
     lam = _tree.schedule_value("weight_decay", weight_decay, state.count)
     scheduled = _tree.is_schedule(weight_decay)
     updates = _tree.map_constrained(
-        lambda w0, w, g, u: _spd_tensor(w0, w, g, u, lam, scheduled), w0, params, grads,
-        updates, otherwise=lambda w, g, u: u)
+      lambda w0, w, g, u: _spd_tensor(w0, w, g, u, lam, scheduled),
+      w0,
+      params,
+      grads,
+      updates,
+      otherwise=lambda w, g, u: u,
+    )
     return updates, SPDState(optax.safe_int32_increment(state.count), state.anchor, inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -24,20 +24,25 @@ class TPGMState(NamedTuple):
       shape, dtype and sharding as the parameter) for every constrained
       tensor, ``optax.MaskedNode()`` for every unconstrained one.
   """
+
   count: jax.Array
   anchor: PyTree
 
 
-def _projected_updates(updates: PyTree, params: PyTree, anchor: PyTree,
-                       projected: PyTree) -> PyTree:
+def _projected_updates(
+  updates: PyTree, params: PyTree, anchor: PyTree, projected: PyTree
+) -> PyTree:
   """``project(w + u) - w`` for constrained tensors, ``u`` elsewhere."""
-  return _tree.map_constrained(lambda _, u, w, new: (new - w).astype(jnp.result_type(u)),
-                               anchor, updates, params, projected)
+  return _tree.map_constrained(
+    lambda _, u, w, new: (new - w).astype(jnp.result_type(u)), anchor, updates, params, projected
+  )
 
 
-def tpgm(norm: _projection.Norm = "mars", mask: _tree.Mask = None,
-         radii: _tree.ScalarOrSchedule | PyTree | None = None
-         ) -> optax.GradientTransformationExtraArgs:
+def tpgm(
+  norm: _projection.Norm = "mars",
+  mask: _tree.Mask = None,
+  radii: _tree.ScalarOrSchedule | PyTree | None = None,
+) -> optax.GradientTransformationExtraArgs:
   """Projects the parameters after each step into balls of given radii around the anchor.
 
   Use it as the LAST link of ``optax.chain``: given the updates ``u`` of the
@@ -101,8 +106,11 @@ def tpgm(norm: _projection.Norm = "mars", mask: _tree.Mask = None,
   """
   _projection._check_norm(norm)
   scheduled = _tree.is_schedule(radii)
-  one_radius = radii is not None and not scheduled and (isinstance(radii, (int, float)) or (
-      hasattr(radii, "shape") and jnp.shape(radii) == ()))
+  one_radius = (
+    radii is not None
+    and not scheduled
+    and (isinstance(radii, (int, float)) or (hasattr(radii, "shape") and jnp.shape(radii) == ()))
+  )
   if one_radius:
     _tree.check_number("radii", radii)
   elif radii is not None and not scheduled:
@@ -148,17 +156,22 @@ class TrainableProjectionState(NamedTuple):
       (0 for unconstrained tensors, never used); set at the first update.
     radius_state: the radius optimizer's state.
   """
+
   count: jax.Array
   anchor: PyTree
   radii: PyTree
   radius_state: optax.OptState
 
 
-def trainable_projection(heldout_loss: Callable[[PyTree, Any], jax.Array], *,
-                         norm: _projection.Norm = "mars", mask: _tree.Mask = None,
-                         radius_optimizer: optax.GradientTransformation | None = None,
-                         max_iters: int = 1,
-                         radius_units: str = "absolute") -> optax.GradientTransformationExtraArgs:
+def trainable_projection(
+  heldout_loss: Callable[[PyTree, Any], jax.Array],
+  *,
+  norm: _projection.Norm = "mars",
+  mask: _tree.Mask = None,
+  radius_optimizer: optax.GradientTransformation | None = None,
+  max_iters: int = 1,
+  radius_units: str = "absolute",
+) -> optax.GradientTransformationExtraArgs:
   """TPGM during fine-tuning: learns the radii on held-out data and projects every step.
 
   The last link of ``optax.chain(inner, trainable_projection(...))`` (the
@@ -240,17 +253,18 @@ def trainable_projection(heldout_loss: Callable[[PyTree, Any], jax.Array], *,
   optimizer = _radii._check_optimizer(radius_optimizer)
 
   def init_fn(params):
-    _tree.require_params(params, "trainable_projection",
-                         "tx.init(params) with the pre-trained params")
+    _tree.require_params(
+      params, "trainable_projection", "tx.init(params) with the pre-trained params"
+    )
     anchor = _tree.record_anchor(params, mask)
     radii = jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params)
-    return TrainableProjectionState(jnp.zeros((), jnp.int32), anchor, radii,
-                                    optimizer.init(radii))
+    return TrainableProjectionState(jnp.zeros((), jnp.int32), anchor, radii, optimizer.init(radii))
 
   def update_fn(updates, state, params=None, *, heldout=None, **extra_args):
     del extra_args
-    _tree.require_params(params, "trainable_projection",
-                         "update(updates, state, params, heldout=batches or None)")
+    _tree.require_params(
+      params, "trainable_projection", "update(updates, state, params, heldout=batches or None)"
+    )
     _tree.check_like(params, updates, "updates")
     candidate = optax.apply_updates(params, updates)
     anchor, cached = _projection.constrained_displacements(candidate, state.anchor, norm)
@@ -260,11 +274,22 @@ def trainable_projection(heldout_loss: Callable[[PyTree, Any], jax.Array], *,
     if heldout is not None:
       _radii.check_batches(heldout, max_iters, "heldout")
       radii, radius_state, _ = _radii.radius_steps(
-          heldout_loss, optimizer, candidate, anchor, cached, radii, radius_state, heldout,
-          max_iters, norm, radius_units)
+        heldout_loss,
+        optimizer,
+        candidate,
+        anchor,
+        cached,
+        radii,
+        radius_state,
+        heldout,
+        max_iters,
+        norm,
+        radius_units,
+      )
     projected = _projection.project_cached(candidate, anchor, cached, radii)
-    new_state = TrainableProjectionState(optax.safe_int32_increment(state.count),
-                                         state.anchor, radii, radius_state)
+    new_state = TrainableProjectionState(
+      optax.safe_int32_increment(state.count), state.anchor, radii, radius_state
+    )
     return _projected_updates(updates, params, anchor, projected), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -61,6 +61,7 @@ def _key_paths(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> li
   ends in ``GetAttrKey('value')``) and ``tx.update`` on plain arrays (the
   same path without it); dropping that key gives both the same path.
   """
+
   def stop(x):
     return _is_nnx_variable(x) or (is_leaf is not None and is_leaf(x))
 
@@ -101,7 +102,10 @@ def _listing(items: Sequence[str], limit: int = 5) -> str:
 def _describe_mismatch(params: PyTree, other: PyTree, name: str, prefix: bool = False) -> str:
   """The paths that differ; with ``prefix``, ``other`` may be a prefix of ``params``."""
   want, got = leaf_paths(params), leaf_paths(other, is_masked)
-  covers = lambda q, p: p == q or (prefix and (q == "" or p.startswith(q + "/")))
+
+  def covers(q, p):
+    return p == q or (prefix and (q == "" or p.startswith(q + "/")))
+
   missing = [p for p in want if not any(covers(q, p) for q in got)]
   extra = [q for q in got if not any(covers(q, p) for p in want)]
   parts = []
@@ -110,8 +114,10 @@ def _describe_mismatch(params: PyTree, other: PyTree, name: str, prefix: bool = 
   if extra:
     parts.append(f"not in params: {_listing(extra)}")
   if not parts:
-    parts.append(f"params have structure {jax.tree.structure(params)}, "
-                 f"{name} has {jax.tree.structure(other, is_leaf=is_masked)}")
+    parts.append(
+      f"params have structure {jax.tree.structure(params)}, "
+      f"{name} has {jax.tree.structure(other, is_leaf=is_masked)}"
+    )
   return "; ".join(parts)
 
 
@@ -127,13 +133,15 @@ def align(params: PyTree, other: PyTree, name: str) -> list[Any]:
     subtrees = treedef.flatten_up_to(other)
   except (ValueError, TypeError) as e:
     raise ValueError(
-        f"{name} must have the same tree structure as params: "
-        f"{_describe_mismatch(params, other, name)}") from e
+      f"{name} must have the same tree structure as params: "
+      f"{_describe_mismatch(params, other, name)}"
+    ) from e
   for path, sub in zip(leaf_paths(params), subtrees):
     if not (is_masked(sub) or jax.tree_util.treedef_is_leaf(jax.tree.structure(sub))):
       raise ValueError(
-          f"{name} must have the same tree structure as params: at '{path}' "
-          f"params have one array, {name} has a subtree {jax.tree.structure(sub)}")
+        f"{name} must have the same tree structure as params: at '{path}' "
+        f"params have one array, {name} has a subtree {jax.tree.structure(sub)}"
+      )
   return subtrees
 
 
@@ -144,8 +152,9 @@ def check_like(params: PyTree, tree: PyTree, name: str) -> list[Any]:
   leaves = align(params, tree, name)
   for path, p, x in zip(leaf_paths(params), jax.tree.leaves(params), leaves):
     if not is_masked(x) and jnp.shape(x) != jnp.shape(p):
-      raise ValueError(f"{name} at '{path}' has shape {jnp.shape(x)} but params have "
-                       f"{jnp.shape(p)}")
+      raise ValueError(
+        f"{name} at '{path}' has shape {jnp.shape(x)} but params have {jnp.shape(p)}"
+      )
   return leaves
 
 
@@ -166,16 +175,21 @@ def _rule(rule: PathRule, arg: str) -> tuple[Callable[[str], bool], list[str] | 
   regexes (``None`` for a predicate)."""
   if callable(rule):
     return rule, None
-  kind = ("a regex, a sequence of regexes or a predicate on the '/'-joined parameter path "
-          "(e.g. r\"params/head/.*\")")
+  kind = (
+    "a regex, a sequence of regexes or a predicate on the '/'-joined parameter path "
+    '(e.g. r"params/head/.*")'
+  )
   if isinstance(rule, str):
     patterns = [rule]
   elif isinstance(rule, Sequence) and not isinstance(rule, (bytes, bytearray)):
     patterns = list(rule)
     bad = [p for p in patterns if not isinstance(p, str)]
     if bad or not patterns:
-      detail = (f"element {bad[0]!r} ({type(bad[0]).__name__}) is not a string" if bad
-                else "the sequence is empty")
+      detail = (
+        f"element {bad[0]!r} ({type(bad[0]).__name__}) is not a string"
+        if bad
+        else "the sequence is empty"
+      )
       raise MaskError(f"{arg} must be {kind}; got {rule!r}: {detail}")
   else:
     raise MaskError(f"{arg} must be {kind}; got {rule!r} ({type(rule).__name__})")
@@ -195,25 +209,27 @@ def _suggestion(patterns: Sequence[str], paths: Sequence[str]) -> str:
         continue
       end = path.find("/", m.end())
       prefix = path[:end] if end >= 0 else path
-      forms = [f"r\".*{pattern}.*\""] + ([f"\"{re.escape(prefix)}/.*\""] if end >= 0 else [])
-      return (f" '{pattern}' matches part of '{path}' but patterns are matched against the "
-              f"WHOLE path (re.fullmatch); did you mean {' or '.join(forms)}?")
+      forms = [f'r".*{pattern}.*"'] + ([f'"{re.escape(prefix)}/.*"'] if end >= 0 else [])
+      return (
+        f" '{pattern}' matches part of '{path}' but patterns are matched against the "
+        f"WHOLE path (re.fullmatch); did you mean {' or '.join(forms)}?"
+      )
   return ""
 
 
-def _check_matches(arg: str, rule: Callable[[str], bool], patterns: list[str] | None,
-                   paths: Sequence[str]) -> None:
+def _check_matches(
+  arg: str, rule: Callable[[str], bool], patterns: list[str] | None, paths: Sequence[str]
+) -> None:
   """A regex rule that matches no parameter path is an error (a typo or a partial name)."""
   if patterns is None or not paths or any(rule(p) for p in paths):
     return
   raise MaskError(
-      f"path_mask({arg}={patterns[0] if len(patterns) == 1 else patterns!r}) matches no "
-      f"parameter path; the paths are {_listing(list(paths))}."
-      + _suggestion(patterns, paths))
+    f"path_mask({arg}={patterns[0] if len(patterns) == 1 else patterns!r}) matches no "
+    f"parameter path; the paths are {_listing(list(paths))}." + _suggestion(patterns, paths)
+  )
 
 
-def path_mask(include: PathRule = None, *, exclude: PathRule = None
-              ) -> Callable[[PyTree], PyTree]:
+def path_mask(include: PathRule = None, *, exclude: PathRule = None) -> Callable[[PyTree], PyTree]:
   """A mask selecting floating-point tensors by their parameter path.
 
   Paths are spelled as ``jax.tree_util.keystr(path, simple=True,
@@ -263,8 +279,9 @@ def path_mask(include: PathRule = None, *, exclude: PathRule = None
 
     def flag(leaf):
       path = next(paths)
-      return bool(is_float(leaf) and (keep is None or keep(path))
-                  and not (drop is not None and drop(path)))
+      return bool(
+        is_float(leaf) and (keep is None or keep(path)) and not (drop is not None and drop(path))
+      )
 
     return jax.tree.map(flag, params)
 
@@ -273,10 +290,11 @@ def path_mask(include: PathRule = None, *, exclude: PathRule = None
 
 def _mask_error(detail: str) -> ValueError:
   return ValueError(
-      "mask must be None (every floating-point tensor), a pytree of bools with the "
-      "structure of params (or a prefix of it), or a callable params -> such a pytree, "
-      "as optax.masked takes it; to select tensors by their path use "
-      f"tpgm_jax.path_mask(include=..., exclude=...). {detail}")
+    "mask must be None (every floating-point tensor), a pytree of bools with the "
+    "structure of params (or a prefix of it), or a callable params -> such a pytree, "
+    "as optax.masked takes it; to select tensors by their path use "
+    f"tpgm_jax.path_mask(include=..., exclude=...). {detail}"
+  )
 
 
 def resolve_mask(mask: Mask, params: PyTree) -> list[bool]:
@@ -304,29 +322,33 @@ def resolve_mask(mask: Mask, params: PyTree) -> list[bool]:
     except MaskError:
       raise
     except Exception as e:  # noqa: BLE001 (any failure of user code, shown with its cause)
-      raise _mask_error(f"The mask callable failed on the params (paths "
-                        f"{_listing(paths)}): it raised {type(e).__name__}: {e} "
-                        "(a callable mask receives the params pytree, not a path string)."
-                        ) from e
+      raise _mask_error(
+        f"The mask callable failed on the params (paths "
+        f"{_listing(paths)}): it raised {type(e).__name__}: {e} "
+        "(a callable mask receives the params pytree, not a path string)."
+      ) from e
   treedef = jax.tree.structure(params)
   try:
     full = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: m, sub), mask, params)
     flags = treedef.flatten_up_to(full)
   except (ValueError, TypeError) as e:
-    raise _mask_error(f"The mask does not fit params: "
-                      f"{_describe_mismatch(params, mask, 'mask', prefix=True)}") from e
+    raise _mask_error(
+      f"The mask does not fit params: {_describe_mismatch(params, mask, 'mask', prefix=True)}"
+    ) from e
   out = []
   for path, flag, leaf in zip(paths, flags, leaves):
     if isinstance(flag, jax.core.Tracer):
       raise _mask_error(f"The mask at '{path}' is a traced value; masks must be static bools.")
     if not isinstance(flag, (bool, np.bool_)) and not (
-        hasattr(flag, "dtype") and jnp.shape(flag) == () and flag.dtype == bool):
+      hasattr(flag, "dtype") and jnp.shape(flag) == () and flag.dtype == bool
+    ):
       raise _mask_error(f"The mask at '{path}' is {flag!r}; expected a bool.")
     flag = bool(flag)
     if flag and not is_float(leaf):
       raise ValueError(
-          f"mask selects '{path}', which has dtype {jnp.result_type(leaf)}; only "
-          "floating-point tensors can be constrained")
+        f"mask selects '{path}', which has dtype {jnp.result_type(leaf)}; only "
+        "floating-point tensors can be constrained"
+      )
     out.append(flag)
   return out
 
@@ -343,17 +365,19 @@ def check_anchor(params: PyTree, anchor: PyTree, name: str = "anchor") -> list[A
       continue
     if jnp.shape(p) != jnp.shape(a):
       raise ValueError(
-          f"{name} at '{path}' has shape {jnp.shape(a)} but params have "
-          f"{jnp.shape(p)}")
+        f"{name} at '{path}' has shape {jnp.shape(a)} but params have {jnp.shape(p)}"
+      )
     if is_float(p) and not is_float(a):
       raise ValueError(
-          f"{name} at '{path}' has dtype {jnp.result_type(a)}; expected a "
-          f"floating-point dtype like params ({jnp.result_type(p)})")
+        f"{name} at '{path}' has dtype {jnp.result_type(a)}; expected a "
+        f"floating-point dtype like params ({jnp.result_type(p)})"
+      )
   return anchors
 
 
-def masked_anchor(params: PyTree, anchor: PyTree, mask: Mask = None,
-                  name: str = "anchor") -> PyTree:
+def masked_anchor(
+  params: PyTree, anchor: PyTree, mask: Mask = None, name: str = "anchor"
+) -> PyTree:
   """The anchor tree of ``params``: ``anchor``'s leaf where a tensor is
   constrained, ``optax.MaskedNode()`` where it is not.
 
@@ -364,8 +388,10 @@ def masked_anchor(params: PyTree, anchor: PyTree, mask: Mask = None,
   """
   anchors = check_anchor(params, anchor, name)
   flags = resolve_mask(mask, params)
-  leaves = [a if f and not is_masked(a) and jnp.size(p) else MaskedNode()
-            for p, a, f in zip(jax.tree.leaves(params), anchors, flags)]
+  leaves = [
+    a if f and not is_masked(a) and jnp.size(p) else MaskedNode()
+    for p, a, f in zip(jax.tree.leaves(params), anchors, flags)
+  ]
   return jax.tree.unflatten(jax.tree.structure(params), leaves)
 
 
@@ -376,12 +402,19 @@ def record_anchor(params: PyTree, mask: Mask = None) -> PyTree:
   The copy gives the anchor buffers of its own, so a train step may donate
   both the params and the optimizer state.
   """
-  return jax.tree.map(lambda a: a if is_masked(a) else jnp.copy(a),
-                      masked_anchor(params, params, mask), is_leaf=is_masked)
+  return jax.tree.map(
+    lambda a: a if is_masked(a) else jnp.copy(a),
+    masked_anchor(params, params, mask),
+    is_leaf=is_masked,
+  )
 
 
-def map_constrained(fn: Callable[..., Any], anchor: PyTree, *trees: PyTree,
-                    otherwise: Callable[..., Any] | None = None) -> PyTree:
+def map_constrained(
+  fn: Callable[..., Any],
+  anchor: PyTree,
+  *trees: PyTree,
+  otherwise: Callable[..., Any] | None = None,
+) -> PyTree:
   """``fn(w0, *leaves)`` for every constrained tensor, ``otherwise(*leaves)``
   (default: the first of ``leaves``) for the others.
 
@@ -391,15 +424,17 @@ def map_constrained(fn: Callable[..., Any], anchor: PyTree, *trees: PyTree,
   :func:`unzip`.
   """
   otherwise = otherwise if otherwise is not None else (lambda x, *_: x)
-  return jax.tree.map(lambda a, *xs: otherwise(*xs) if is_masked(a) else fn(a, *xs),
-                      anchor, *trees, is_leaf=is_masked)
+  return jax.tree.map(
+    lambda a, *xs: otherwise(*xs) if is_masked(a) else fn(a, *xs), anchor, *trees, is_leaf=is_masked
+  )
 
 
 def unzip(anchor: PyTree, tree: PyTree, n: int) -> tuple[PyTree, ...]:
   """Splits a tree of ``n``-tuples (one per tensor, from :func:`map_constrained`)
   into ``n`` trees with the anchor's structure."""
-  return tuple(jax.tree.map(lambda _, row: row[i], anchor, tree, is_leaf=is_masked)
-               for i in range(n))
+  return tuple(
+    jax.tree.map(lambda _, row: row[i], anchor, tree, is_leaf=is_masked) for i in range(n)
+  )
 
 
 def check_radii(params: PyTree, radii: PyTree, anchor: PyTree) -> None:
@@ -410,8 +445,9 @@ def check_radii(params: PyTree, radii: PyTree, anchor: PyTree) -> None:
   """
   if radii is None:
     raise ValueError(
-        "radii are required: pass radii=tpgm_jax.init_radii(params, anchor) "
-        "(one float32 scalar per tensor, same tree structure as params)")
+      "radii are required: pass radii=tpgm_jax.init_radii(params, anchor) "
+      "(one float32 scalar per tensor, same tree structure as params)"
+    )
   leaves = align(params, radii, "radii")
   anchors = jax.tree.structure(params).flatten_up_to(anchor)
   for path, r, a in zip(leaf_paths(params), leaves, anchors):
@@ -419,8 +455,9 @@ def check_radii(params: PyTree, radii: PyTree, anchor: PyTree) -> None:
       continue
     if is_masked(r) or jnp.shape(r) != () or not is_float(r):
       raise ValueError(
-          f"radii at '{path}' must be a floating-point scalar; got "
-          + ("nothing" if is_masked(r) else f"shape {jnp.shape(r)} and dtype {jnp.result_type(r)}"))
+        f"radii at '{path}' must be a floating-point scalar; got "
+        + ("nothing" if is_masked(r) else f"shape {jnp.shape(r)} and dtype {jnp.result_type(r)}")
+      )
 
 
 def check_radius_values(radii: PyTree, name: str = "radii", negative: bool = True) -> None:
@@ -430,16 +467,25 @@ def check_radius_values(radii: PyTree, name: str = "radii", negative: bool = Tru
   host sync); concrete values are read back in one transfer. Use
   :func:`check_finite` for an explicit check of any tree.
   """
-  items = [(p, x) for p, x in zip(leaf_paths(radii, is_masked),
-                                  jax.tree.leaves(radii, is_leaf=is_masked))
-           if not is_masked(x) and not isinstance(x, jax.core.Tracer)
-           and (isinstance(x, numbers.Real) or hasattr(x, "dtype"))]
+  items = [
+    (p, x)
+    for p, x in zip(leaf_paths(radii, is_masked), jax.tree.leaves(radii, is_leaf=is_masked))
+    if not is_masked(x)
+    and not isinstance(x, jax.core.Tracer)
+    and (isinstance(x, numbers.Real) or hasattr(x, "dtype"))
+  ]
   if not items:
     return
   values = jax.device_get([x for _, x in items])
-  bad = [(p, v) for (p, _), v in zip(items, values) if np.size(v) and (
+  bad = [
+    (p, v)
+    for (p, _), v in zip(items, values)
+    if np.size(v)
+    and (
       not np.all(np.isfinite(np.asarray(v, np.float64)))
-      or (negative and np.any(np.asarray(v, np.float64) < 0)))]
+      or (negative and np.any(np.asarray(v, np.float64) < 0))
+    )
+  ]
   if bad:
     shown = ", ".join(f"'{p}': {np.asarray(v).tolist()!r}" for p, v in bad[:5])
     more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
@@ -471,23 +517,37 @@ def check_finite(tree: PyTree, name: str = "tree") -> None:
 # Hyper-parameters.
 
 
-def check_number(name: str, value: Any, *, minimum: float | None = 0.0,
-                 strict: bool = False, maximum: float | None = None) -> None:
+def check_number(
+  name: str,
+  value: Any,
+  *,
+  minimum: float | None = 0.0,
+  strict: bool = False,
+  maximum: float | None = None,
+) -> None:
   """Checks a scalar hyper-parameter: finite, ``>= minimum`` (``> minimum``
   with ``strict``) and ``<= maximum``. Traced values are not checked (no host
   sync); neither are schedules (callables)."""
   if callable(value) or isinstance(value, jax.core.Tracer):
     return
-  if isinstance(value, bool) or not (isinstance(value, numbers.Real) or (
-      hasattr(value, "shape") and jnp.shape(value) == () and
-      jnp.issubdtype(jnp.result_type(value), jnp.number))):
+  if isinstance(value, bool) or not (
+    isinstance(value, numbers.Real)
+    or (
+      hasattr(value, "shape")
+      and jnp.shape(value) == ()
+      and jnp.issubdtype(jnp.result_type(value), jnp.number)
+    )
+  ):
     raise ValueError(f"{name} must be a real number, got {value!r}")
   x = float(value)
   bound = "" if minimum is None else (f" > {minimum:g}" if strict else f" >= {minimum:g}")
   if maximum is not None:
     bound += f"{' and' if bound else ''} <= {maximum:g}"
-  if (not math.isfinite(x) or (minimum is not None and (x <= minimum if strict else x < minimum))
-      or (maximum is not None and x > maximum)):
+  if (
+    not math.isfinite(x)
+    or (minimum is not None and (x <= minimum if strict else x < minimum))
+    or (maximum is not None and x > maximum)
+  ):
     raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
 
 
@@ -512,8 +572,10 @@ def schedule_value(name: str, value: ScalarOrSchedule, count: jax.Array) -> Any:
     return value
   out = value(count)
   if jnp.ndim(out) != 0 or not jnp.issubdtype(jnp.result_type(out), jnp.number):
-    raise ValueError(f"the schedule given as {name} must return a real scalar for a step "
-                     f"count, got {type(out).__name__} of shape {jnp.shape(out)}")
+    raise ValueError(
+      f"the schedule given as {name} must return a real scalar for a step "
+      f"count, got {type(out).__name__} of shape {jnp.shape(out)}"
+    )
   return jnp.asarray(out)
 
 

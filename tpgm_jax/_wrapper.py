@@ -26,9 +26,13 @@ def per_anchor(anchor: PyTree, fn: Callable[[jax.Array], Any]) -> PyTree:
   return _tree.map_constrained(fn, anchor, otherwise=lambda: _tree.MaskedNode())
 
 
-def inner_update(inner: optax.GradientTransformationExtraArgs, grads: PyTree,
-                 inner_state: optax.OptState, params: PyTree,
-                 extra_args: dict[str, Any]) -> tuple[PyTree, optax.OptState]:
+def inner_update(
+  inner: optax.GradientTransformationExtraArgs,
+  grads: PyTree,
+  inner_state: optax.OptState,
+  params: PyTree,
+  extra_args: dict[str, Any],
+) -> tuple[PyTree, optax.OptState]:
   """The inner optimizer's ``(updates, state)``, after checking the trees' structures."""
   _tree.check_like(params, grads, "grads")
   updates, inner_state = inner.update(grads, inner_state, params, **extra_args)
@@ -38,14 +42,22 @@ def inner_update(inner: optax.GradientTransformationExtraArgs, grads: PyTree,
 
 def check_inner(inner: Any, name: str) -> optax.GradientTransformation:
   if not isinstance(inner, optax.GradientTransformation):
-    raise ValueError(f"{name} wraps an optax optimizer (a GradientTransformation such as "
-                     f"optax.sgd(...)); got {inner!r}")
+    raise ValueError(
+      f"{name} wraps an optax optimizer (a GradientTransformation such as "
+      f"optax.sgd(...)); got {inner!r}"
+    )
   return inner
 
 
-def scalar_adam(h: jax.Array, mu: jax.Array, nu: jax.Array, count: jax.Array,
-                b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
-                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def scalar_adam(
+  h: jax.Array,
+  mu: jax.Array,
+  nu: jax.Array,
+  count: jax.Array,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Adam's ``(direction, mu, nu)`` for a scalar hyper-gradient ``h`` at step ``count``.
 
   ``direction = (mu / (1 - b1^t)) / (sqrt(nu / (1 - b2^t)) + eps)`` with the
@@ -55,4 +67,4 @@ def scalar_adam(h: jax.Array, mu: jax.Array, nu: jax.Array, count: jax.Array,
   mu = b1 * mu + (1 - b1) * h
   nu = b2 * nu + (1 - b2) * jnp.square(h)
   t = count.astype(mu.dtype)
-  return (mu / (1 - b1 ** t)) / (jnp.sqrt(nu / (1 - b2 ** t)) + eps), mu, nu
+  return (mu / (1 - b1**t)) / (jnp.sqrt(nu / (1 - b2**t)) + eps), mu, nu

@@ -60,8 +60,9 @@ def get_config() -> ConfigDict:
   c.pretrain.seed = 0  # one pre-trained model for every fine-tuning seed (c.seed)
   c.pretrain.steps = 1500
   c.pretrain.batch_size = 128
-  c.pretrain.optimizer = ConfigDict(dict(
-      name="adamw", lr=2e-3, weight_decay=1e-4, schedule="cosine", warmup_steps=50))
+  c.pretrain.optimizer = ConfigDict(
+    dict(name="adamw", lr=2e-3, weight_decay=1e-4, schedule="cosine", warmup_steps=50)
+  )
 
   # Fine-tuning, shared by every trained method (a method may override any of
   # these fields in its own section, under `train`).
@@ -69,9 +70,17 @@ def get_config() -> ConfigDict:
   c.train.split = "train"
   c.train.steps = 400
   c.train.batch_size = 128
-  c.train.optimizer = ConfigDict(dict(
-      name="sgd", lr=0.03, momentum=0.9, nesterov=True, weight_decay=0.0,
-      schedule="cosine", warmup_steps=0))
+  c.train.optimizer = ConfigDict(
+    dict(
+      name="sgd",
+      lr=0.03,
+      momentum=0.9,
+      nesterov=True,
+      weight_decay=0.0,
+      schedule="cosine",
+      warmup_steps=0,
+    )
+  )
   # Parameters not read from the pre-trained checkpoint (regexes on
   # 'params/...' paths, weights.load_pretrained): the new head.
   c.train.dont_load = ("^params/head/.*",)
@@ -91,8 +100,7 @@ def get_config() -> ConfigDict:
   c.methods = ("ft", "lp", "wise_ft", "tpgm", "tpgm_post_hoc", "lp_ft", "l2sp")
 
   # Per-method hyper-parameters; `train` overrides fields of c.train.
-  c.lp = ConfigDict(dict(train=dict(frozen=("backbone",),
-                                    optimizer=dict(lr=0.05, nesterov=False))))
+  c.lp = ConfigDict(dict(train=dict(frozen=("backbone",), optimizer=dict(lr=0.05, nesterov=False))))
   c.lp_ft = ConfigDict(dict(init_from="lp", train=dict(optimizer=dict(lr=0.01))))
   # Post-hoc methods go from `base` (alpha 0) to `source` (alpha 1). WiSE-FT needs both
   # ends to share their head's starting point (the zero-shot head in the paper); with a
@@ -104,10 +112,12 @@ def get_config() -> ConfigDict:
   c.tpgm = ConfigDict(dict(norm="mars", proj_freq=1, max_iters=1, lr=1e-2, heldout_batch_size=0))
   # Opt-in: the same recipe with the radii stepped in units of each anchor tensor's own
   # norm (tpgm_jax.trainable_projection(radius_units="anchor")); see RESULTS.md.
-  c.tpgm_anchor = ConfigDict(dict(method="tpgm", norm="mars", proj_freq=1, max_iters=1, lr=1e-2,
-                                  radius_units="anchor"))
-  c.tpgm_post_hoc = ConfigDict(dict(source="lp_ft", base="lp", norm="mars", steps=50, lr=1e-2,
-                                    batch_size=128))
+  c.tpgm_anchor = ConfigDict(
+    dict(method="tpgm", norm="mars", proj_freq=1, max_iters=1, lr=1e-2, radius_units="anchor")
+  )
+  c.tpgm_post_hoc = ConfigDict(
+    dict(source="lp_ft", base="lp", norm="mars", steps=50, lr=1e-2, batch_size=128)
+  )
   c.l2sp = ConfigDict(dict(alpha=0.1, beta=0.0))
   c.ftp = ConfigDict(dict(k=1.0))
   c.spd = ConfigDict(dict(weight_decay=1.0, train=dict(optimizer=dict(name="adam", lr=1e-3))))

@@ -1,4 +1,5 @@
-"""TPGM's DomainNet recipe: ResNet-50 fine-tuned on real, OOD sketch / painting / clipart / infograph.
+"""TPGM's DomainNet recipe: ResNet-50 fine-tuned on real, OOD sketch / painting / clipart /
+infograph.
 
 SGD (momentum 0.9, Nesterov, weight decay 5e-4) with a cosine schedule, and
 TPGM with a radius update at every step (``proj_freq=1``, ``max_iters=1``,
@@ -28,8 +29,9 @@ def get_config() -> ConfigDict:
   c = default.get_config()
   c.name = "domainnet_resnet50"
   c.data.task = "domainnet"
-  c.data.task_kwargs = ConfigDict(dict(
-      id_domain="real", ood_domains=("sketch", "painting", "clipart", "infograph")))
+  c.data.task_kwargs = ConfigDict(
+    dict(id_domain="real", ood_domains=("sketch", "painting", "clipart", "infograph"))
+  )
   # The reference recipes' augmentation: RandomResizedCrop (scale 0.08-1) + flip; eval:
   # resize to 256, central 224 crop.
   c.data.hflip = True
@@ -45,9 +47,17 @@ def get_config() -> ConfigDict:
 
   c.train.steps = 30_000  # ~50 epochs of DomainNet real at batch 256
   c.train.batch_size = 256
-  c.train.optimizer = ConfigDict(dict(
-      name="sgd", lr=1e-2, momentum=0.9, nesterov=True, weight_decay=5e-4,
-      schedule="cosine", warmup_steps=0))
+  c.train.optimizer = ConfigDict(
+    dict(
+      name="sgd",
+      lr=1e-2,
+      momentum=0.9,
+      nesterov=True,
+      weight_decay=5e-4,
+      schedule="cosine",
+      warmup_steps=0,
+    )
+  )
   c.train.log_every = 100
   c.train.checkpoint_every = 1000
   c.lp.train.optimizer.lr = 1e-1

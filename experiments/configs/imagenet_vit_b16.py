@@ -50,18 +50,21 @@ def get_config() -> ConfigDict:
 
   c.train.steps = 25_000  # 10 epochs at batch 512
   c.train.batch_size = 512
-  c.train.optimizer = ConfigDict(dict(
-      name="adamw", lr=3e-5, weight_decay=0.1, schedule="cosine", warmup_steps=500))
+  c.train.optimizer = ConfigDict(
+    dict(name="adamw", lr=3e-5, weight_decay=0.1, schedule="cosine", warmup_steps=500)
+  )
   c.train.log_every = 100
   c.train.checkpoint_every = 1000
   c.train.constrained = ("backbone", "head")  # the zero-shot head is pre-trained too
-  c.lp.train.optimizer = ConfigDict(dict(
-      name="adamw", lr=1e-3, weight_decay=0.0, schedule="cosine", warmup_steps=0))
+  c.lp.train.optimizer = ConfigDict(
+    dict(name="adamw", lr=1e-3, weight_decay=0.0, schedule="cosine", warmup_steps=0)
+  )
 
   # FT starts from the zero-shot head, so WiSE-FT and post-hoc TPGM go from the zero-shot
   # model (base "") to FT, head included; post hoc with the paper's ViT settings.
   c.wise_ft = ConfigDict(dict(source="ft", base="", alphas=(0.5,)))
-  c.tpgm_post_hoc = ConfigDict(dict(source="ft", base="", norm="l2", steps=200, lr=1e-2,
-                                    batch_size=256))
+  c.tpgm_post_hoc = ConfigDict(
+    dict(source="ft", base="", norm="l2", steps=200, lr=1e-2, batch_size=256)
+  )
   c.methods = ("ft", "lp", "wise_ft", "tpgm_post_hoc")
   return c

@@ -1,6 +1,6 @@
 """A seconds-long smoke run of the whole pipeline: tiny data, a ~1.5k-parameter CNN, few steps.
 
-  python -m experiments.main --config experiments/configs/tiny.py --workdir /tmp/tiny
+python -m experiments.main --config experiments/configs/tiny.py --workdir /tmp/tiny
 """
 
 from ml_collections import ConfigDict
@@ -15,8 +15,9 @@ def get_config() -> ConfigDict:
   c.methods = tuple(methods.METHODS)  # every method, each for a few steps
   c.data.task_kwargs.config = "tiny_transfer"
   c.data.eval_batch_size = 16
-  c.model.overrides = ConfigDict(dict(stage_sizes=(1,), widths=(8,), strides=(1,),
-                                      stem_width=8, stem_stride=2, norm_groups=4))
+  c.model.overrides = ConfigDict(
+    dict(stage_sizes=(1,), widths=(8,), strides=(1,), stem_width=8, stem_stride=2, norm_groups=4)
+  )
   c.pretrain.steps = 4
   c.pretrain.batch_size = 8
   c.train.steps = 4

@@ -48,9 +48,13 @@ def decode(image: bytes | np.ndarray) -> Image.Image:
   return pil if pil.mode == "RGB" else pil.convert("RGB")
 
 
-def crop_box(rng: np.random.Generator, width: int, height: int,
-             scale: tuple[float, float] = (0.08, 1.0),
-             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+def crop_box(
+  rng: np.random.Generator,
+  width: int,
+  height: int,
+  scale: tuple[float, float] = (0.08, 1.0),
+  ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
   """A RandomResizedCrop box ``(left, top, right, bottom)`` inside a ``width x height`` image.
 
   Up to 10 times: draw an area ``A = u * width * height`` with ``u`` uniform in
@@ -81,8 +85,13 @@ def crop_box(rng: np.random.Generator, width: int, height: int,
   return left, top, left + w, top + h
 
 
-def resized_crop(image: Image.Image, box: tuple[int, int, int, int], size: int,
-                 interpolation: str = "bilinear", flip: bool = False) -> np.ndarray:
+def resized_crop(
+  image: Image.Image,
+  box: tuple[int, int, int, int],
+  size: int,
+  interpolation: str = "bilinear",
+  flip: bool = False,
+) -> np.ndarray:
   """``box`` of ``image`` resized to ``size x size`` (mirrored left-right if ``flip``): uint8."""
   out = image.crop(box)
   if out.size != (size, size):
@@ -92,8 +101,9 @@ def resized_crop(image: Image.Image, box: tuple[int, int, int, int], size: int,
   return np.asarray(out)
 
 
-def resize_center_crop(image: Image.Image, size: int, crop_fraction: float = 0.875,
-                       interpolation: str = "bilinear") -> np.ndarray:
+def resize_center_crop(
+  image: Image.Image, size: int, crop_fraction: float = 0.875, interpolation: str = "bilinear"
+) -> np.ndarray:
   """Resize the shorter side to ``round(size / crop_fraction)``, keep the central ``size`` crop.
 
   The longer side is scaled by the same factor (truncated, as torchvision's
@@ -124,8 +134,9 @@ class ResizeCenterCrop(grain.transforms.Map):
   interpolation: str = "bilinear"
 
   def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
-    image = resize_center_crop(decode(element["image"]), self.size, self.crop_fraction,
-                               self.interpolation)
+    image = resize_center_crop(
+      decode(element["image"]), self.size, self.crop_fraction, self.interpolation
+    )
     return _example(image, element["label"])
 
 
@@ -143,8 +154,7 @@ class RandomResizedCrop(grain.transforms.RandomMap):
     image = decode(element["image"])
     box = crop_box(rng, *image.size, self.scale, self.ratio)
     flip = self.hflip and rng.random() < 0.5
-    return _example(resized_crop(image, box, self.size, self.interpolation, flip),
-                    element["label"])
+    return _example(resized_crop(image, box, self.size, self.interpolation, flip), element["label"])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -60,8 +60,14 @@ class InputOptions:
   cache_max_mb: int = 256
 
   #: The fields that change the batches (the others only change how fast they come).
-  AUGMENTATION = ("hflip", "random_resized_crop", "crop_scale", "crop_ratio", "crop_fraction",
-                  "interpolation")
+  AUGMENTATION = (
+    "hflip",
+    "random_resized_crop",
+    "crop_scale",
+    "crop_ratio",
+    "crop_fraction",
+    "interpolation",
+  )
 
   def __post_init__(self):
     def bad(name, expected):
@@ -85,8 +91,9 @@ class InputOptions:
       bad("cache_max_mb", ">= 0")
 
   @classmethod
-  def from_config(cls, section: Mapping[str, Any], *, read_elsewhere: Sequence[str] = ()
-                  ) -> InputOptions:
+  def from_config(
+    cls, section: Mapping[str, Any], *, read_elsewhere: Sequence[str] = ()
+  ) -> InputOptions:
     """The options set in a config section (``config.data``); missing keys keep their defaults.
 
     Args:
@@ -101,9 +108,10 @@ class InputOptions:
     unknown = sorted(set(section) - fields - set(read_elsewhere))
     if unknown:
       raise ValueError(
-          f"unknown key(s) in the data section: {', '.join(f'data.{k}' for k in unknown)} "
-          f"(nothing reads them); the input options are {sorted(fields)}, other keys "
-          f"{sorted(read_elsewhere)}")
+        f"unknown key(s) in the data section: {', '.join(f'data.{k}' for k in unknown)} "
+        f"(nothing reads them); the input options are {sorted(fields)}, other keys "
+        f"{sorted(read_elsewhere)}"
+      )
     values = {k: section[k] for k in fields if k in section}
     for k in ("crop_scale", "crop_ratio"):
       if k in values:

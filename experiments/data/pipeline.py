@@ -52,8 +52,9 @@ def _local_batch(batch_size: int, process_index: int, process_count: int) -> int
   if process_count < 1 or not 0 <= process_index < process_count:
     raise ValueError(f"bad process_index={process_index} / process_count={process_count}")
   if batch_size < 1 or batch_size % process_count:
-    raise ValueError(f"global batch {batch_size} is not a positive multiple of "
-                     f"{process_count} processes")
+    raise ValueError(
+      f"global batch {batch_size} is not a positive multiple of {process_count} processes"
+    )
   return batch_size // process_count
 
 
@@ -65,8 +66,9 @@ def _augment_seed(seed: int) -> int:
   return int(np.random.SeedSequence([seed % 2**32, 1]).generate_state(1)[0])
 
 
-def train_batches(split: Split, *, batch_size: int, seed: int, process_index: int = 0,
-                  process_count: int = 1) -> grain.MapDataset:
+def train_batches(
+  split: Split, *, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1
+) -> grain.MapDataset:
   """This process's part of every global training batch: element ``i`` is batch ``i``.
 
   The example stream is the concatenation of epochs, each a permutation of
@@ -92,8 +94,9 @@ def num_eval_batches(num_examples: int, batch_size: int) -> int:
   return -(-num_examples // batch_size)
 
 
-def eval_batches(split: Split, *, batch_size: int, process_index: int = 0,
-                 process_count: int = 1) -> grain.MapDataset:
+def eval_batches(
+  split: Split, *, batch_size: int, process_index: int = 0, process_count: int = 1
+) -> grain.MapDataset:
   """Batches covering ``split`` exactly once, in order, across all processes.
 
   Every batch has the full local size ``batch_size // process_count``; the
@@ -110,8 +113,13 @@ def eval_batches(split: Split, *, batch_size: int, process_index: int = 0,
   return grain.MapDataset.concatenate(parts).batch(local)[process_index::process_count]
 
 
-def iterate(batches: grain.MapDataset, options: InputOptions = InputOptions(), *, start: int = 0,
-            in_memory: bool = False) -> grain.DatasetIterator:
+def iterate(
+  batches: grain.MapDataset,
+  options: InputOptions = InputOptions(),
+  *,
+  start: int = 0,
+  in_memory: bool = False,
+) -> grain.DatasetIterator:
   """An iterator over ``batches[start:]`` that reads ahead while the caller computes.
 
   ``options.num_threads`` threads read ``options.prefetch`` batches ahead; in
@@ -124,55 +132,63 @@ def iterate(batches: grain.MapDataset, options: InputOptions = InputOptions(), *
   workers = options.workers(in_memory)
   ds = batches[start:] if start else batches
   buffered = options.num_threads if workers else options.prefetch
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=options.num_threads,
-                                            prefetch_buffer_size=buffered))
+  ds = ds.to_iter_dataset(
+    grain.ReadOptions(num_threads=options.num_threads, prefetch_buffer_size=buffered)
+  )
   if workers:
     if not flags.FLAGS.is_parsed():
       # grain 0.2.18 reads an absl flag when it starts workers (google/grain#1355, fixed
       # upstream): programs that do not parse absl flags get the flags' defaults.
       flags.FLAGS.mark_as_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                     per_worker_buffer_size=options.prefetch),
-                        worker_init_fn=worker.init)
+    ds = ds.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=options.prefetch),
+      worker_init_fn=worker.init,
+    )
   return iter(ds)
 
 
 def train_iterator(
-    task: Task,
-    split: str = "train",
-    *,
-    batch_size: int,
-    seed: int,
-    step: int = 0,
-    data_dir: str | os.PathLike | None = None,
-    process_index: int = 0,
-    process_count: int = 1,
-    options: InputOptions = InputOptions(),
-    augmented: bool = True,
-    opened: Split | None = None,
+  task: Task,
+  split: str = "train",
+  *,
+  batch_size: int,
+  seed: int,
+  step: int = 0,
+  data_dir: str | os.PathLike | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+  options: InputOptions = InputOptions(),
+  augmented: bool = True,
+  opened: Split | None = None,
 ) -> grain.DatasetIterator:
   """Training batches ``step, step + 1, ...`` of split role ``split`` of ``task``
   (:func:`train_batches`); ``augmented=False`` uses the evaluation transform
   (e.g. held-out batches). Pass ``opened`` to reuse an opened :class:`Split`."""
   opened = opened or open_split(task, split, options=options, data_dir=data_dir, train=augmented)
-  batches = train_batches(opened, batch_size=batch_size, seed=seed, process_index=process_index,
-                          process_count=process_count)
+  batches = train_batches(
+    opened,
+    batch_size=batch_size,
+    seed=seed,
+    process_index=process_index,
+    process_count=process_count,
+  )
   return iterate(batches, options, start=step, in_memory=opened.in_memory)
 
 
 def eval_iterator(
-    task: Task,
-    split: str,
-    *,
-    batch_size: int,
-    data_dir: str | os.PathLike | None = None,
-    process_index: int = 0,
-    process_count: int = 1,
-    options: InputOptions = InputOptions(),
-    opened: Split | None = None,
+  task: Task,
+  split: str,
+  *,
+  batch_size: int,
+  data_dir: str | os.PathLike | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+  options: InputOptions = InputOptions(),
+  opened: Split | None = None,
 ) -> grain.DatasetIterator:
   """:func:`eval_batches` over split role / OOD name ``split`` of ``task``."""
   opened = opened or open_split(task, split, options=options, data_dir=data_dir)
-  batches = eval_batches(opened, batch_size=batch_size, process_index=process_index,
-                         process_count=process_count)
+  batches = eval_batches(
+    opened, batch_size=batch_size, process_index=process_index, process_count=process_count
+  )
   return iterate(batches, options, in_memory=opened.in_memory)

@@ -28,38 +28,38 @@ from typing import Callable
 import numpy as np
 
 CLASS_NAMES = (
-    # The fine-tuning task's classes.
-    "circle",
-    "square",
-    "triangle",
-    "pentagon",
-    "star",
-    "cross",
-    "ring",
-    "arrow",
-    "heart",
-    "crescent",
-    # Pre-training classes of the transfer benchmark.
-    "hexagon",
-    "star4",
-    "star6",
-    "ellipse",
-    "bar",
-    "diamond",
-    "tee",
-    "ell",
-    "u_shape",
-    "h_shape",
-    "semicircle",
-    "droplet",
-    "flower",
-    "gear",
-    "hourglass",
-    "chevron",
-    "square_frame",
-    "triangle_frame",
-    "target",
-    "cloud",
+  # The fine-tuning task's classes.
+  "circle",
+  "square",
+  "triangle",
+  "pentagon",
+  "star",
+  "cross",
+  "ring",
+  "arrow",
+  "heart",
+  "crescent",
+  # Pre-training classes of the transfer benchmark.
+  "hexagon",
+  "star4",
+  "star6",
+  "ellipse",
+  "bar",
+  "diamond",
+  "tee",
+  "ell",
+  "u_shape",
+  "h_shape",
+  "semicircle",
+  "droplet",
+  "flower",
+  "gear",
+  "hourglass",
+  "chevron",
+  "square_frame",
+  "triangle_frame",
+  "target",
+  "cloud",
 )
 NUM_CLASSES = len(CLASS_NAMES)
 TARGET_CLASSES = tuple(range(10))
@@ -235,42 +235,44 @@ def _target(u, v):
 
 
 def _cloud(u, v):
-  puffs = ((u + 0.45) ** 2 + (v + 0.1) ** 2 <= 0.45**2) | ((u - 0.45) ** 2 + (v + 0.1) ** 2 <= 0.45**2)
+  puffs = ((u + 0.45) ** 2 + (v + 0.1) ** 2 <= 0.45**2) | (
+    (u - 0.45) ** 2 + (v + 0.1) ** 2 <= 0.45**2
+  )
   top = u * u + (v - 0.2) ** 2 <= 0.55**2
   return puffs | top | ((np.abs(u) <= 0.45) & (v >= -0.55) & (v <= -0.1))
 
 
 SHAPE_FNS: tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], ...] = (
-    _circle,
-    _square,
-    _triangle,
-    _pentagon,
-    _star,
-    _cross,
-    _ring,
-    _arrow,
-    _heart,
-    _crescent,
-    _hexagon,
-    _star_of(4, 0.3),
-    _star_of(6, 0.45),
-    _ellipse,
-    _bar,
-    _diamond,
-    _tee,
-    _ell,
-    _u_shape,
-    _h_shape,
-    _semicircle,
-    _droplet,
-    _flower,
-    _gear,
-    _hourglass,
-    _chevron,
-    _square_frame,
-    _triangle_frame,
-    _target,
-    _cloud,
+  _circle,
+  _square,
+  _triangle,
+  _pentagon,
+  _star,
+  _cross,
+  _ring,
+  _arrow,
+  _heart,
+  _crescent,
+  _hexagon,
+  _star_of(4, 0.3),
+  _star_of(6, 0.45),
+  _ellipse,
+  _bar,
+  _diamond,
+  _tee,
+  _ell,
+  _u_shape,
+  _h_shape,
+  _semicircle,
+  _droplet,
+  _flower,
+  _gear,
+  _hourglass,
+  _chevron,
+  _square_frame,
+  _triangle_frame,
+  _target,
+  _cloud,
 )
 assert len(SHAPE_FNS) == NUM_CLASSES
 
@@ -315,9 +317,7 @@ def _smooth_noise(rng: np.random.Generator, m: int, k: int, channels: int, scale
 def _downsample(mask: np.ndarray) -> np.ndarray:
   """(m, 64, 64) bool -> (m, 32, 32) float32 coverage."""
   m = mask.shape[0]
-  return mask.reshape(m, IMAGE_SIZE, _SUPER, IMAGE_SIZE, _SUPER).mean(
-      axis=(2, 4), dtype=np.float32
-  )
+  return mask.reshape(m, IMAGE_SIZE, _SUPER, IMAGE_SIZE, _SUPER).mean(axis=(2, 4), dtype=np.float32)
 
 
 def _dilate(mask: np.ndarray) -> np.ndarray:
@@ -361,8 +361,8 @@ def _shape_masks(rng: np.random.Generator, labels: np.ndarray, warp) -> np.ndarr
   v = (c * dy - s * dx) / sc
   if warp[1] > 0:
     u, v = (
-        u + _col(amp[:, 0]) * np.sin(_col(freq[:, 0]) * v + _col(phase[:, 0])),
-        v + _col(amp[:, 1]) * np.sin(_col(freq[:, 1]) * u + _col(phase[:, 1])),
+      u + _col(amp[:, 0]) * np.sin(_col(freq[:, 0]) * v + _col(phase[:, 0])),
+      v + _col(amp[:, 1]) * np.sin(_col(freq[:, 1]) * u + _col(phase[:, 1])),
     )
   mask = np.zeros((m, _HI, _HI), dtype=bool)
   for cls in np.unique(labels):
@@ -394,9 +394,9 @@ def _real(rng, labels):
     bg = bg + np.exp(-d2 / _col(2 * sig**2))[..., None] * colour[:, None, None, :]
 
   obj = _hsv_to_rgb(
-      rng.uniform(0, 1, m).astype(np.float32),
-      rng.uniform(0.3, 0.85, m).astype(np.float32),
-      rng.uniform(0.75, 1.0, m).astype(np.float32),
+    rng.uniform(0, 1, m).astype(np.float32),
+    rng.uniform(0.3, 0.85, m).astype(np.float32),
+    rng.uniform(0.75, 1.0, m).astype(np.float32),
   )
   l_ang = rng.uniform(0, 2 * np.pi, m)
   shade = 0.78 + 0.22 * (_XL * _col(np.cos(l_ang)) + _YL * _col(np.sin(l_ang)))
@@ -412,9 +412,9 @@ def _sketch(rng, labels):
   m = labels.shape[0]
   mask = _shape_masks(rng, labels, (0.02, 0.07))
   line = _downsample(_dilate(mask) & ~_erode(mask))
-  paper = _col(rng.uniform(0.82, 0.95, m)) + rng.normal(0, 0.04, (m, IMAGE_SIZE, IMAGE_SIZE)).astype(
-      np.float32
-  )
+  paper = _col(rng.uniform(0.82, 0.95, m)) + rng.normal(
+    0, 0.04, (m, IMAGE_SIZE, IMAGE_SIZE)
+  ).astype(np.float32)
   paper = paper + _smooth_noise(rng, m, 6, 1, 0.03)[..., 0]
   ink = _col(rng.uniform(0.1, 0.45, m))
   strength = _col(rng.uniform(0.75, 1.0, m))
@@ -430,9 +430,9 @@ def _painting(rng, labels):
   bg = bg_col[:, None, None, :] + _smooth_noise(rng, m, 8, 3, 0.1)
   bg = bg + rng.normal(0, 0.05, bg.shape).astype(np.float32)
   fill = _hsv_to_rgb(
-      rng.uniform(0, 1, m).astype(np.float32),
-      rng.uniform(0.5, 0.9, m).astype(np.float32),
-      rng.uniform(0.75, 1.0, m).astype(np.float32),
+    rng.uniform(0, 1, m).astype(np.float32),
+    rng.uniform(0.5, 0.9, m).astype(np.float32),
+    rng.uniform(0.75, 1.0, m).astype(np.float32),
   )
   s_ang = rng.uniform(0, 2 * np.pi, m)
   s_freq = rng.uniform(6, 14, m)
@@ -455,17 +455,19 @@ def _clipart(rng, labels):
   a_line = _downsample(mask & ~inner)[..., None]
   white = rng.uniform(0, 1, m) < 0.5
   bg = _hsv_to_rgb(
-      rng.uniform(0, 1, m).astype(np.float32),
-      np.where(white, 0.0, rng.uniform(0.08, 0.25, m)).astype(np.float32),
-      np.where(white, 1.0, rng.uniform(0.93, 1.0, m)).astype(np.float32),
+    rng.uniform(0, 1, m).astype(np.float32),
+    np.where(white, 0.0, rng.uniform(0.08, 0.25, m)).astype(np.float32),
+    np.where(white, 1.0, rng.uniform(0.93, 1.0, m)).astype(np.float32),
   )
   fill = _hsv_to_rgb(
-      rng.uniform(0, 1, m).astype(np.float32),
-      rng.uniform(0.85, 1.0, m).astype(np.float32),
-      rng.uniform(0.85, 1.0, m).astype(np.float32),
+    rng.uniform(0, 1, m).astype(np.float32),
+    rng.uniform(0.85, 1.0, m).astype(np.float32),
+    rng.uniform(0.85, 1.0, m).astype(np.float32),
   )
   ink = _col(rng.uniform(0.0, 0.12, m))[..., None]
-  return bg[:, None, None, :] * (1 - a_fill - a_line) + fill[:, None, None, :] * a_fill + ink * a_line
+  return (
+    bg[:, None, None, :] * (1 - a_fill - a_line) + fill[:, None, None, :] * a_fill + ink * a_line
+  )
 
 
 _DOMAIN_FNS = {"real": _real, "sketch": _sketch, "painting": _painting, "clipart": _clipart}
@@ -496,7 +498,7 @@ def balanced_labels(rng: np.random.Generator, n: int, classes=TARGET_CLASSES) ->
 
 
 def render_split(
-    seed: int, split_id: int, domain: str, n: int, classes=TARGET_CLASSES
+  seed: int, split_id: int, domain: str, n: int, classes=TARGET_CLASSES
 ) -> tuple[np.ndarray, np.ndarray]:
   """Images and labels of one (split, domain) cell: a pure function of its arguments.
 

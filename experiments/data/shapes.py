@@ -107,42 +107,42 @@ class ShapesConfig(tfds.core.BuilderConfig):
 
 
 CONFIGS = {
-    "transfer": ShapesConfig(
-        name="transfer",
-        description="Pre-train on 20 classes in 4 domains; fine-tune on 10 other classes in real.",
-        pretrain_classes=render.PRETRAIN_CLASSES,
-        id_domain="real",
-        pretrain=8000,
-        train={"real": 20000},
-        heldout=1000,
-        val=1000,
-        test=1000,
-    ),
-    "same_classes": ShapesConfig(
-        name="same_classes",
-        description="The first version: pre-training on the fine-tuning classes in all domains.",
-    ),
-    "tiny": ShapesConfig(
-        name="tiny",
-        description="A few dozen images per split, for tests.",
-        pretrain=40,
-        train={},
-        train_default=30,
-        heldout=20,
-        val=20,
-        test=20,
-    ),
-    "tiny_transfer": ShapesConfig(
-        name="tiny_transfer",
-        description="The transfer benchmark's layout with a few dozen images per split, for tests.",
-        pretrain_classes=render.PRETRAIN_CLASSES,
-        id_domain="real",
-        pretrain=40,
-        train={"real": 40},
-        heldout=20,
-        val=20,
-        test=20,
-    ),
+  "transfer": ShapesConfig(
+    name="transfer",
+    description="Pre-train on 20 classes in 4 domains; fine-tune on 10 other classes in real.",
+    pretrain_classes=render.PRETRAIN_CLASSES,
+    id_domain="real",
+    pretrain=8000,
+    train={"real": 20000},
+    heldout=1000,
+    val=1000,
+    test=1000,
+  ),
+  "same_classes": ShapesConfig(
+    name="same_classes",
+    description="The first version: pre-training on the fine-tuning classes in all domains.",
+  ),
+  "tiny": ShapesConfig(
+    name="tiny",
+    description="A few dozen images per split, for tests.",
+    pretrain=40,
+    train={},
+    train_default=30,
+    heldout=20,
+    val=20,
+    test=20,
+  ),
+  "tiny_transfer": ShapesConfig(
+    name="tiny_transfer",
+    description="The transfer benchmark's layout with a few dozen images per split, for tests.",
+    pretrain_classes=render.PRETRAIN_CLASSES,
+    id_domain="real",
+    pretrain=40,
+    train={"real": 40},
+    heldout=20,
+    val=20,
+    test=20,
+  ),
 }
 
 
@@ -158,9 +158,9 @@ class MultidomainShapes(tfds.core.GeneratorBasedBuilder):
   name = NAME
   VERSION = tfds.core.Version("2.0.0")
   RELEASE_NOTES = {
-      "1.0.0": "First release.",
-      "2.0.0": "Thirty classes; configs transfer and tiny_transfer (pre-training classes "
-      "differ from the fine-tuning classes, OOD domains test-only).",
+    "1.0.0": "First release.",
+    "2.0.0": "Thirty classes; configs transfer and tiny_transfer (pre-training classes "
+    "differ from the fine-tuning classes, OOD domains test-only).",
   }
   BUILDER_CONFIGS = list(CONFIGS.values())
   DEFAULT_CONFIG_NAME = "transfer"
@@ -178,16 +178,16 @@ class MultidomainShapes(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     config = self.builder_config
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict(
-            {
-                "image": tfds.features.Image(shape=(render.IMAGE_SIZE, render.IMAGE_SIZE, 3)),
-                "label": tfds.features.ClassLabel(names=render.CLASS_NAMES),
-                "domain": tfds.features.ClassLabel(names=config.domains),
-            }
-        ),
-        supervised_keys=("image", "label"),
+      builder=self,
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(render.IMAGE_SIZE, render.IMAGE_SIZE, 3)),
+          "label": tfds.features.ClassLabel(names=render.CLASS_NAMES),
+          "domain": tfds.features.ClassLabel(names=config.domains),
+        }
+      ),
+      supervised_keys=("image", "label"),
     )
 
   def _split_generators(self, dl_manager):
@@ -204,19 +204,24 @@ class MultidomainShapes(tfds.core.GeneratorBasedBuilder):
     for d in domains:
       n = config.cell_size(kind, d)
       images, labels = render.render_split(
-          config.seed, _SPLIT_IDS[kind], d, n, config.cell_classes(kind))
+        config.seed, _SPLIT_IDS[kind], d, n, config.cell_classes(kind)
+      )
       dom = config.domains.index(d)
       for i in range(n):
         yield f"{d}-{i:07d}", {"image": _png(images[i]), "label": int(labels[i]), "domain": dom}
 
 
-def get_builder(config: str | ShapesConfig = "transfer", data_dir: str | None = None) -> MultidomainShapes:
+def get_builder(
+  config: str | ShapesConfig = "transfer", data_dir: str | None = None
+) -> MultidomainShapes:
   """The builder of ``config`` (a name in :data:`CONFIGS` or a custom ``ShapesConfig``
   with its own unique name) reading/writing under ``data_dir`` (TFDS default if None)."""
   return MultidomainShapes(config=config, data_dir=data_dir)
 
 
-def prepare(config: str | ShapesConfig = "transfer", data_dir: str | None = None) -> MultidomainShapes:
+def prepare(
+  config: str | ShapesConfig = "transfer", data_dir: str | None = None
+) -> MultidomainShapes:
   """Builds the dataset offline into array_record unless already prepared; returns the builder.
 
   Never overwrites a prepared dataset.  Concurrent builds into the same
@@ -233,7 +238,9 @@ def load_arrays(builder: MultidomainShapes, split: str) -> dict[str, np.ndarray]
   source = builder.as_data_source(split)
   examples = [source[i] for i in range(len(source))]
   return {
-      "image": np.stack([e["image"] for e in examples]) if examples else np.zeros((0, 32, 32, 3), np.uint8),
-      "label": np.array([e["label"] for e in examples], np.int32),
-      "domain": np.array([e["domain"] for e in examples], np.int32),
+    "image": np.stack([e["image"] for e in examples])
+    if examples
+    else np.zeros((0, 32, 32, 3), np.uint8),
+    "label": np.array([e["label"] for e in examples], np.int32),
+    "domain": np.array([e["domain"] for e in examples], np.int32),
   }

@@ -32,15 +32,19 @@ class DatasetNotPreparedError(RuntimeError):
 
 
 def _describe_data_dir(data_dir) -> str:
-  return repr(os.fspath(data_dir)) if data_dir else "None (TFDS default: $TFDS_DATA_DIR or ~/tensorflow_datasets)"
+  return (
+    repr(os.fspath(data_dir))
+    if data_dir
+    else "None (TFDS default: $TFDS_DATA_DIR or ~/tensorflow_datasets)"
+  )
 
 
 def open_data_source(
-    ref: SplitRef,
-    data_dir: str | os.PathLike | None = None,
-    *,
-    builtin_config: str | None = None,
-    decoders: Any = None,
+  ref: SplitRef,
+  data_dir: str | os.PathLike | None = None,
+  *,
+  builtin_config: str | None = None,
+  decoders: Any = None,
 ) -> Sequence[dict]:
   """The random-access TFDS data source of ``ref`` (its slice of the split).
 
@@ -55,28 +59,29 @@ def open_data_source(
       builder = tfds.builder(ref.dataset, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
       raise DatasetNotPreparedError(
-          f"TFDS dataset {ref.dataset!r} is unknown to TFDS and not prepared in "
-          f"data_dir={_describe_data_dir(data_dir)}: {e}"
+        f"TFDS dataset {ref.dataset!r} is unknown to TFDS and not prepared in "
+        f"data_dir={_describe_data_dir(data_dir)}: {e}"
       ) from e
     if not builder.is_prepared():
       raise DatasetNotPreparedError(
-          f"TFDS dataset {ref.dataset!r} is not prepared in data_dir={_describe_data_dir(data_dir)} "
-          f"(looked for {os.fspath(builder.data_dir)}). Prepare it first in array_record format, e.g. "
-          f"`tfds build {ref.dataset} --data_dir=DIR --file_format=array_record` or "
-          f"tfds.builder({ref.dataset!r}, data_dir=DIR).download_and_prepare(file_format='array_record') "
-          "(preparing image datasets needs TensorFlow; some, like imagenet2012, need a manual download)."
+        f"TFDS dataset {ref.dataset!r} is not prepared in data_dir={_describe_data_dir(data_dir)} "
+        f"(looked for {os.fspath(builder.data_dir)}). Prepare it first in array_record "
+        f"format, e.g. `tfds build {ref.dataset} --data_dir=DIR --file_format=array_record` or "
+        f"tfds.builder({ref.dataset!r}, data_dir=DIR)"
+        ".download_and_prepare(file_format='array_record') (preparing image datasets needs "
+        "TensorFlow; some, like imagenet2012, need a manual download)."
       )
   try:
     return builder.as_data_source(ref.split, decoders=decoders)
   except NotImplementedError as e:
     raise DatasetNotPreparedError(
-        f"TFDS dataset {ref.dataset!r} in data_dir={_describe_data_dir(data_dir)} is prepared in a "
-        f"format without random access; re-prepare it with file_format='array_record'. ({e})"
+      f"TFDS dataset {ref.dataset!r} in data_dir={_describe_data_dir(data_dir)} is prepared in a "
+      f"format without random access; re-prepare it with file_format='array_record'. ({e})"
     ) from e
   except (KeyError, ValueError) as e:
     raise ValueError(
-        f"TFDS dataset {ref.dataset!r} has no split {ref.split!r} "
-        f"(splits: {sorted(builder.info.splits)}): {e}"
+      f"TFDS dataset {ref.dataset!r} has no split {ref.split!r} "
+      f"(splits: {sorted(builder.info.splits)}): {e}"
     ) from e
 
 
@@ -104,8 +109,8 @@ def _decode_all(examples: grain.MapDataset, image_size: int, threads: int) -> _A
   read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
   with contextlib.closing(iter(examples.batch(chunk).to_iter_dataset(read))) as batches:
     for i, batch in enumerate(batches):
-      images[i * chunk:i * chunk + len(batch["label"])] = batch["image"]
-      labels[i * chunk:i * chunk + len(batch["label"])] = batch["label"]
+      images[i * chunk : i * chunk + len(batch["label"])] = batch["image"]
+      labels[i * chunk : i * chunk + len(batch["label"])] = batch["label"]
   return _Arrays(images, labels)
 
 
@@ -133,8 +138,14 @@ class Split:
     return len(self.examples)
 
 
-def open_split(task: Task, name: str, *, options: InputOptions = InputOptions(),
-               data_dir: str | os.PathLike | None = None, train: bool = False) -> Split:
+def open_split(
+  task: Task,
+  name: str,
+  *,
+  options: InputOptions = InputOptions(),
+  data_dir: str | os.PathLike | None = None,
+  train: bool = False,
+) -> Split:
   """Split role / OOD name ``name`` of ``task``, with the training (``train=True``) or the
   evaluation transformation of ``options``.
 
@@ -142,15 +153,23 @@ def open_split(task: Task, name: str, *, options: InputOptions = InputOptions(),
   (``options.cache_max_mb``) are decoded once and held in memory.
   """
   ref = task.split(name)
-  source = open_data_source(ref, data_dir, builtin_config=task.builtin_config,
-                            decoders=_ENCODED_IMAGES)
+  source = open_data_source(
+    ref, data_dir, builtin_config=task.builtin_config, decoders=_ENCODED_IMAGES
+  )
   size = task.image_size
   examples = grain.MapDataset.source(source)
   if train and options.random_resized_crop:
-    return Split(ref, examples, augment.RandomResizedCrop(
-        size, options.crop_scale, options.crop_ratio, options.hflip, options.interpolation), False)
-  examples = examples.map(augment.ResizeCenterCrop(size, options.crop_fraction,
-                                                   options.interpolation))
+    return Split(
+      ref,
+      examples,
+      augment.RandomResizedCrop(
+        size, options.crop_scale, options.crop_ratio, options.hflip, options.interpolation
+      ),
+      False,
+    )
+  examples = examples.map(
+    augment.ResizeCenterCrop(size, options.crop_fraction, options.interpolation)
+  )
   flip = augment.RandomFlip() if train and options.hflip else None
   if len(examples) * size * size * 3 > options.cache_max_mb * 2**20:
     return Split(ref, examples, flip, False)
@@ -159,7 +178,9 @@ def open_split(task: Task, name: str, *, options: InputOptions = InputOptions(),
   return Split(ref, grain.MapDataset.source(arrays), flip, True)
 
 
-def infer_class_subset(ref: SplitRef, data_dir=None, *, builtin_config: str | None = None) -> np.ndarray:
+def infer_class_subset(
+  ref: SplitRef, data_dir=None, *, builtin_config: str | None = None
+) -> np.ndarray:
   """Sorted distinct labels of ``ref`` (reads labels only, images stay encoded)."""
   source = open_data_source(ref, data_dir, builtin_config=builtin_config, decoders=_ENCODED_IMAGES)
   return np.unique(np.array([int(source[r]["label"]) for r in range(len(source))], np.int64))

@@ -27,7 +27,9 @@ INFER_FROM_LABELS = "infer_from_labels"
 
 @dataclasses.dataclass(frozen=True)
 class SplitRef:
-  """A TFDS split: data set name (with config) and split, e.g. ``("domainnet/real", "train[:-2000]")``.
+  """A TFDS split: data set name (with config) and split.
+
+  E.g. ``("domainnet/real", "train[:-2000]")``.
 
   ``split`` accepts TFDS's slicing syntax (``train[:80%]``, ``train[-1000:]``).
   TFDS stores the examples of a split in an order shuffled by key hash, so a
@@ -90,16 +92,16 @@ def _carve(dataset: str, split: str, heldout: int, val: int) -> dict[str, SplitR
   if heldout <= 0 or val <= 0:
     raise ValueError("heldout and val sizes must be positive")
   return {
-      "train": SplitRef(dataset, f"{split}[:-{heldout + val}]"),
-      "heldout": SplitRef(dataset, f"{split}[-{heldout + val}:-{val}]"),
-      "val": SplitRef(dataset, f"{split}[-{val}:]"),
+    "train": SplitRef(dataset, f"{split}[:-{heldout + val}]"),
+    "heldout": SplitRef(dataset, f"{split}[-{heldout + val}:-{val}]"),
+    "val": SplitRef(dataset, f"{split}[-{val}:]"),
   }
 
 
 def shapes_task(
-    config: str = "transfer",
-    id_domain: str = "real",
-    ood_domains: Sequence[str] | None = None,
+  config: str = "transfer",
+  id_domain: str = "real",
+  ood_domains: Sequence[str] | None = None,
 ) -> Task:
   """The built-in benchmark: fine-tune on ``id_domain``, evaluate on the other domains.
 
@@ -108,54 +110,55 @@ def shapes_task(
   of its ``pretrain_classes`` (the transfer config pre-trains on other classes).
   """
   if config not in shapes.CONFIGS:
-    raise ValueError(f"unknown multidomain_shapes config {config!r}; "
-                     f"known: {sorted(shapes.CONFIGS)}")
+    raise ValueError(
+      f"unknown multidomain_shapes config {config!r}; known: {sorted(shapes.CONFIGS)}"
+    )
   builder_config = shapes.CONFIGS[config]
   if ood_domains is None:
     ood_domains = [d for d in builder_config.domains if d != id_domain]
   ds = f"{shapes.NAME}/{config}"
   return Task(
-      name="shapes",
-      num_classes=max(builder_config.classes) + 1,
-      pretrain_num_classes=max(builder_config.pretrain_classes) + 1,
-      image_size=render.IMAGE_SIZE,
-      train=SplitRef(ds, f"{id_domain}_train"),
-      heldout=SplitRef(ds, f"{id_domain}_heldout"),
-      val=SplitRef(ds, f"{id_domain}_val"),
-      test=SplitRef(ds, f"{id_domain}_test"),
-      ood={d: SplitRef(ds, f"{d}_test") for d in ood_domains},
-      pretrain=SplitRef(ds, "pretrain"),
-      builtin_config=config,
+    name="shapes",
+    num_classes=max(builder_config.classes) + 1,
+    pretrain_num_classes=max(builder_config.pretrain_classes) + 1,
+    image_size=render.IMAGE_SIZE,
+    train=SplitRef(ds, f"{id_domain}_train"),
+    heldout=SplitRef(ds, f"{id_domain}_heldout"),
+    val=SplitRef(ds, f"{id_domain}_val"),
+    test=SplitRef(ds, f"{id_domain}_test"),
+    ood={d: SplitRef(ds, f"{d}_test") for d in ood_domains},
+    pretrain=SplitRef(ds, "pretrain"),
+    builtin_config=config,
   )
 
 
 def domainnet_task(
-    id_domain: str = "real",
-    ood_domains: Sequence[str] = ("sketch", "painting", "clipart", "infograph"),
-    heldout_size: int = 1000,
-    val_size: int = 1000,
-    image_size: int = 224,
+  id_domain: str = "real",
+  ood_domains: Sequence[str] = ("sketch", "painting", "clipart", "infograph"),
+  heldout_size: int = 1000,
+  val_size: int = 1000,
+  image_size: int = 224,
 ) -> Task:
   """TFDS ``domainnet`` (345 classes).  It has only train/test splits, so heldout
   and val are the last ``heldout_size + val_size`` records of ``<id>:train``."""
   ds = f"domainnet/{id_domain}"
   return Task(
-      name="domainnet",
-      num_classes=345,
-      image_size=image_size,
-      **_carve(ds, "train", heldout_size, val_size),
-      test=SplitRef(ds, "test"),
-      ood={d: SplitRef(f"domainnet/{d}", "test") for d in ood_domains},
-      mean=IMAGENET_MEAN,
-      std=IMAGENET_STD,
+    name="domainnet",
+    num_classes=345,
+    image_size=image_size,
+    **_carve(ds, "train", heldout_size, val_size),
+    test=SplitRef(ds, "test"),
+    ood={d: SplitRef(f"domainnet/{d}", "test") for d in ood_domains},
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
   )
 
 
 def imagenet_task(
-    heldout_size: int = 10000,
-    val_size: int = 10000,
-    image_size: int = 224,
-    v2_variant: str = "matched-frequency",
+  heldout_size: int = 10000,
+  val_size: int = 10000,
+  image_size: int = 224,
+  v2_variant: str = "matched-frequency",
 ) -> Task:
   """TFDS ``imagenet2012`` (ID; test = its ``validation`` split, heldout and val
   carved from the end of ``train``) with OOD ImageNet-V2, -Sketch, -A and -R.
@@ -167,27 +170,27 @@ def imagenet_task(
   to override.
   """
   return Task(
-      name="imagenet",
-      num_classes=1000,
-      image_size=image_size,
-      **_carve("imagenet2012", "train", heldout_size, val_size),
-      test=SplitRef("imagenet2012", "validation"),
-      ood={
-          "imagenet_v2": SplitRef(f"imagenet_v2/{v2_variant}", "test"),
-          "imagenet_sketch": SplitRef("imagenet_sketch", "test"),
-          "imagenet_a": SplitRef("imagenet_a", "test"),
-          "imagenet_r": SplitRef("imagenet_r", "test"),
-      },
-      class_subsets={"imagenet_a": INFER_FROM_LABELS, "imagenet_r": INFER_FROM_LABELS},
-      mean=IMAGENET_MEAN,
-      std=IMAGENET_STD,
+    name="imagenet",
+    num_classes=1000,
+    image_size=image_size,
+    **_carve("imagenet2012", "train", heldout_size, val_size),
+    test=SplitRef("imagenet2012", "validation"),
+    ood={
+      "imagenet_v2": SplitRef(f"imagenet_v2/{v2_variant}", "test"),
+      "imagenet_sketch": SplitRef("imagenet_sketch", "test"),
+      "imagenet_a": SplitRef("imagenet_a", "test"),
+      "imagenet_r": SplitRef("imagenet_r", "test"),
+    },
+    class_subsets={"imagenet_a": INFER_FROM_LABELS, "imagenet_r": INFER_FROM_LABELS},
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
   )
 
 
 TASKS: dict[str, Callable[..., Task]] = {
-    "shapes": shapes_task,
-    "domainnet": domainnet_task,
-    "imagenet": imagenet_task,
+  "shapes": shapes_task,
+  "domainnet": domainnet_task,
+  "imagenet": imagenet_task,
 }
 
 

@@ -32,5 +32,6 @@ def init(worker_index: int, worker_count: int) -> None:
   """grain's ``worker_init_fn``: ignore SIGTERM, exit with the parent process."""
   del worker_index, worker_count
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
-  threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True,
-                   name="exit-with-parent").start()
+  threading.Thread(
+    target=_exit_with_parent, args=(os.getppid(),), daemon=True, name="exit-with-parent"
+  ).start()

@@ -50,17 +50,17 @@ from experiments.models.resnet import ResNet
 from experiments.models.vit import ViT
 
 __all__ = [
-    "Affine",
-    "AttentionPool",
-    "Classifier",
-    "ModifiedResNet",
-    "ResNet",
-    "ResNet50",
-    "ViT",
-    "default_image_size",
-    "get_model",
-    "model_names",
-    "zero_shot_kernel",
+  "Affine",
+  "AttentionPool",
+  "Classifier",
+  "ModifiedResNet",
+  "ResNet",
+  "ResNet50",
+  "ViT",
+  "default_image_size",
+  "get_model",
+  "model_names",
+  "zero_shot_kernel",
 ]
 
 
@@ -72,33 +72,89 @@ class _Preset:
 
 
 _PRESETS: dict[str, _Preset] = {
-    # ~0.3 M parameters, for quick CPU runs.
-    "resnet_tiny": _Preset(ResNet, dict(stage_sizes=(1, 1, 1, 1), widths=(16, 32, 64, 128),
-                                        strides=(1, 2, 2, 2), stem_width=16, norm_groups=8), 32),
-    # ~1.2 M parameters: the project's step-overhead benchmark model.
-    "resnet_small": _Preset(ResNet, dict(stage_sizes=(1, 1, 1, 1), widths=(32, 64, 128, 256),
-                                         strides=(1, 2, 2, 2), stem_width=32, norm_groups=8), 32),
-    "resnet50": _Preset(ResNet, dict(stage_sizes=(3, 4, 6, 3), widths=(64, 128, 256, 512),
-                                     strides=(1, 2, 2, 2), block="bottleneck", stem_width=64,
-                                     stem_kernel=7, stem_stride=2, stem_pool=True,
-                                     norm_groups=32), 224),
-    "vit_tiny": _Preset(ViT, dict(patch_size=4, hidden_size=96, depth=6, num_heads=3,
-                                  mlp_dim=384), 32),
-    "vit_b16": _Preset(ViT, dict(patch_size=16, hidden_size=768, depth=12, num_heads=12,
-                                 mlp_dim=3072), 224),
-    # The pre-trained models experiments.models.convert imports (see its module doc).
-    # CLIP ViT-B/16 image tower (openai/clip-vit-base-patch16), 512-d joint space.
-    "clip_vit_b16": _Preset(ViT, dict(patch_size=16, hidden_size=768, depth=12, num_heads=12,
-                                      mlp_dim=3072, act="quick_gelu", norm_eps=1e-5,
-                                      patch_bias=False, pre_norm=True, proj_dim=512), 224),
-    # CLIP ResNet-50 image tower (OpenAI RN50 / open_clip ModifiedResNet), 1024-d joint space.
-    "clip_resnet50": _Preset(ModifiedResNet, dict(stage_sizes=(3, 4, 6, 3), width=64,
-                                                  num_heads=32, output_dim=1024), 224),
-    # ImageNet ResNet-50 (timm / torchvision layout) with its BatchNorms folded.
-    "timm_resnet50": _Preset(ResNet, dict(stage_sizes=(3, 4, 6, 3), widths=(64, 128, 256, 512),
-                                          strides=(1, 2, 2, 2), block="bottleneck",
-                                          stem_width=64, stem_kernel=7, stem_stride=2,
-                                          stem_pool=True, norm="affine"), 224),
+  # ~0.3 M parameters, for quick CPU runs.
+  "resnet_tiny": _Preset(
+    ResNet,
+    dict(
+      stage_sizes=(1, 1, 1, 1),
+      widths=(16, 32, 64, 128),
+      strides=(1, 2, 2, 2),
+      stem_width=16,
+      norm_groups=8,
+    ),
+    32,
+  ),
+  # ~1.2 M parameters: the project's step-overhead benchmark model.
+  "resnet_small": _Preset(
+    ResNet,
+    dict(
+      stage_sizes=(1, 1, 1, 1),
+      widths=(32, 64, 128, 256),
+      strides=(1, 2, 2, 2),
+      stem_width=32,
+      norm_groups=8,
+    ),
+    32,
+  ),
+  "resnet50": _Preset(
+    ResNet,
+    dict(
+      stage_sizes=(3, 4, 6, 3),
+      widths=(64, 128, 256, 512),
+      strides=(1, 2, 2, 2),
+      block="bottleneck",
+      stem_width=64,
+      stem_kernel=7,
+      stem_stride=2,
+      stem_pool=True,
+      norm_groups=32,
+    ),
+    224,
+  ),
+  "vit_tiny": _Preset(
+    ViT, dict(patch_size=4, hidden_size=96, depth=6, num_heads=3, mlp_dim=384), 32
+  ),
+  "vit_b16": _Preset(
+    ViT, dict(patch_size=16, hidden_size=768, depth=12, num_heads=12, mlp_dim=3072), 224
+  ),
+  # The pre-trained models experiments.models.convert imports (see its module doc).
+  # CLIP ViT-B/16 image tower (openai/clip-vit-base-patch16), 512-d joint space.
+  "clip_vit_b16": _Preset(
+    ViT,
+    dict(
+      patch_size=16,
+      hidden_size=768,
+      depth=12,
+      num_heads=12,
+      mlp_dim=3072,
+      act="quick_gelu",
+      norm_eps=1e-5,
+      patch_bias=False,
+      pre_norm=True,
+      proj_dim=512,
+    ),
+    224,
+  ),
+  # CLIP ResNet-50 image tower (OpenAI RN50 / open_clip ModifiedResNet), 1024-d joint space.
+  "clip_resnet50": _Preset(
+    ModifiedResNet, dict(stage_sizes=(3, 4, 6, 3), width=64, num_heads=32, output_dim=1024), 224
+  ),
+  # ImageNet ResNet-50 (timm / torchvision layout) with its BatchNorms folded.
+  "timm_resnet50": _Preset(
+    ResNet,
+    dict(
+      stage_sizes=(3, 4, 6, 3),
+      widths=(64, 128, 256, 512),
+      strides=(1, 2, 2, 2),
+      block="bottleneck",
+      stem_width=64,
+      stem_kernel=7,
+      stem_stride=2,
+      stem_pool=True,
+      norm="affine",
+    ),
+    224,
+  ),
 }
 
 

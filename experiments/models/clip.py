@@ -35,7 +35,10 @@ class AttentionPool(nn.Module):
     x = x.reshape(n, h * w, c)
     x = jnp.concatenate([jnp.mean(x, axis=1, keepdims=True), x], axis=1)
     x = x + self.param("pos", nn.initializers.normal(stddev=c**-0.5), (h * w + 1, c))
-    split = lambda y: y.reshape(n, y.shape[1], self.num_heads, c // self.num_heads)
+
+    def split(y):
+      return y.reshape(n, y.shape[1], self.num_heads, c // self.num_heads)
+
     q = split(nn.Dense(c, name="query")(x[:, :1]))
     k = split(nn.Dense(c, name="key")(x))
     v = split(nn.Dense(c, name="value")(x))
@@ -97,7 +100,13 @@ class ModifiedResNet(Classifier):
     names = iter(block_names(sum(self.stage_sizes)))
     for stage, size in enumerate(self.stage_sizes):
       for i in range(size):
-        x = BottleneckBlock(self.width * 2**stage, 2 if stage and not i else 1, g, n,
-                            anti_alias=True, name=next(names))(x)
+        x = BottleneckBlock(
+          self.width * 2**stage,
+          2 if stage and not i else 1,
+          g,
+          n,
+          anti_alias=True,
+          name=next(names),
+        )(x)
     x = AttentionPool(self.num_heads, self.output_dim, name="pool")(x)
     return classify(self, x)

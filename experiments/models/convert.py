@@ -79,15 +79,15 @@ from experiments import models
 from experiments.training import weights
 
 __all__ = [
-    "CLIP_MEAN",
-    "CLIP_STD",
-    "FORMATS",
-    "ConversionError",
-    "convert",
-    "convert_file",
-    "default_model",
-    "logit_scale",
-    "read_safetensors",
+  "CLIP_MEAN",
+  "CLIP_STD",
+  "FORMATS",
+  "ConversionError",
+  "convert",
+  "convert_file",
+  "default_model",
+  "logit_scale",
+  "read_safetensors",
 ]
 
 # OpenAI CLIP's input normalisation (per channel, on the [0, 1] scale).
@@ -109,6 +109,7 @@ class _Rule:
   output axis, transposed if 2-D), ``bn_scale`` / ``bn_bias`` (BatchNorm
   weight, bias, running mean, running var folded into an affine).
   """
+
   keys: tuple[str, ...]
   kind: str
 
@@ -157,8 +158,11 @@ def _block_locations(stage_sizes: Sequence[int]) -> list[tuple[int, int]]:
 
 
 def _dense(prefix: str, leaf: str) -> _Rule:
-  return _Rule((f"{prefix}.weight",), "dense") if leaf == "kernel" else _Rule(
-      (f"{prefix}.bias",), "copy")
+  return (
+    _Rule((f"{prefix}.weight",), "dense")
+    if leaf == "kernel"
+    else _Rule((f"{prefix}.bias",), "copy")
+  )
 
 
 def _layer_norm(prefix: str, leaf: str) -> _Rule:
@@ -182,10 +186,10 @@ def _conv_norm(conv: str, norm: str, rest: str) -> _Rule | None:
 def _clip_vit_rule(path: str, model: Any) -> _Rule | None:
   v = "vision_model."
   fixed = {
-      "embed/patch/kernel": _Rule((v + "embeddings.patch_embedding.weight",), "conv"),
-      "embed/cls": _Rule((v + "embeddings.class_embedding",), "reshape"),
-      "embed/pos": _Rule((v + "embeddings.position_embedding.weight",), "reshape"),
-      "proj/kernel": _Rule(("visual_projection.weight",), "dense"),
+    "embed/patch/kernel": _Rule((v + "embeddings.patch_embedding.weight",), "conv"),
+    "embed/cls": _Rule((v + "embeddings.class_embedding",), "reshape"),
+    "embed/pos": _Rule((v + "embeddings.position_embedding.weight",), "reshape"),
+    "proj/kernel": _Rule(("visual_projection.weight",), "dense"),
   }
   if path in fixed:
     return fixed[path]
@@ -249,10 +253,19 @@ def _timm_resnet_rule(path: str, model: Any) -> _Rule | None:
 
 # Keys of a checkpoint that the image model does not use (text tower, CLIP's
 # temperature, bookkeeping buffers). Any other unused key is an error.
-_CLIP_TEXT = (r"text_model\..*", r"text_projection(\.weight)?", r"logit_scale",
-              r"transformer\..*", r"token_embedding\..*", r"positional_embedding",
-              r"ln_final\..*", r"input_resolution", r"context_length", r"vocab_size",
-              r"attn_mask")
+_CLIP_TEXT = (
+  r"text_model\..*",
+  r"text_projection(\.weight)?",
+  r"logit_scale",
+  r"transformer\..*",
+  r"token_embedding\..*",
+  r"positional_embedding",
+  r"ln_final\..*",
+  r"input_resolution",
+  r"context_length",
+  r"vocab_size",
+  r"attn_mask",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,6 +282,7 @@ class Format:
       the class count), or None: the source has no classifier.
     description: the layout, for the command-line help.
   """
+
   model: str
   rule: Callable[[str, Any], _Rule | None]
   ignored: tuple[str, ...]
@@ -277,17 +291,29 @@ class Format:
 
 
 FORMATS: dict[str, Format] = {
-    "clip_vit": Format("clip_vit_b16", _clip_vit_rule,
-                       _CLIP_TEXT + (r".*position_ids",), None,
-                       "Hugging Face CLIPModel / CLIPVisionModelWithProjection (vision_model.*, "
-                       "visual_projection.weight)"),
-    "clip_resnet": Format("clip_resnet50", _clip_resnet_rule,
-                          _CLIP_TEXT + (r".*num_batches_tracked",), None,
-                          "open_clip / OpenAI CLIP ModifiedResNet (visual.conv1.weight, "
-                          "visual.layer1.0.*, visual.attnpool.*)"),
-    "timm_resnet": Format("timm_resnet50", _timm_resnet_rule, (r".*num_batches_tracked",),
-                          "fc.weight",
-                          "timm / torchvision ResNet (conv1.weight, layer1.0.*, fc.*)"),
+  "clip_vit": Format(
+    "clip_vit_b16",
+    _clip_vit_rule,
+    _CLIP_TEXT + (r".*position_ids",),
+    None,
+    "Hugging Face CLIPModel / CLIPVisionModelWithProjection (vision_model.*, "
+    "visual_projection.weight)",
+  ),
+  "clip_resnet": Format(
+    "clip_resnet50",
+    _clip_resnet_rule,
+    _CLIP_TEXT + (r".*num_batches_tracked",),
+    None,
+    "open_clip / OpenAI CLIP ModifiedResNet (visual.conv1.weight, "
+    "visual.layer1.0.*, visual.attnpool.*)",
+  ),
+  "timm_resnet": Format(
+    "timm_resnet50",
+    _timm_resnet_rule,
+    (r".*num_batches_tracked",),
+    "fc.weight",
+    "timm / torchvision ResNet (conv1.weight, layer1.0.*, fc.*)",
+  ),
 }
 
 
@@ -303,8 +329,9 @@ def _abstract_params(model: Any, image_size: int) -> dict[str, tuple[int, ...]]:
   return dict(zip(tpgm_jax.leaf_paths(params), (tuple(p.shape) for p in jax.tree.leaves(params))))
 
 
-def default_model(fmt: str, tensors: Mapping[str, np.ndarray], preset: str | None = None,
-                  **overrides: Any) -> Any:
+def default_model(
+  fmt: str, tensors: Mapping[str, np.ndarray], preset: str | None = None, **overrides: Any
+) -> Any:
   """The model ``fmt`` converts to: ``preset`` (default: the format's) with ``overrides``, with
   as many classes as the source's classifier (1000 if it has none: no head is written)."""
   spec = _get_format(fmt)
@@ -313,8 +340,14 @@ def default_model(fmt: str, tensors: Mapping[str, np.ndarray], preset: str | Non
   return models.get_model(preset or spec.model, classes, **overrides)
 
 
-def convert(fmt: str, tensors: Mapping[str, np.ndarray], model: Any = None,
-            image_size: int | None = None, *, source: str = "the checkpoint") -> dict[str, Any]:
+def convert(
+  fmt: str,
+  tensors: Mapping[str, np.ndarray],
+  model: Any = None,
+  image_size: int | None = None,
+  *,
+  source: str = "the checkpoint",
+) -> dict[str, Any]:
   """The Flax params of ``model`` from the source ``tensors`` in layout ``fmt``.
 
   Args:
@@ -350,41 +383,53 @@ def convert(fmt: str, tensors: Mapping[str, np.ndarray], model: Any = None,
       rules[path] = rule
   if unmappable:
     raise ConversionError(
-        f"format {fmt!r} cannot produce {len(unmappable)} parameter(s) of the model "
-        f"{type(model).__name__} (is it the {spec.model} architecture?):\n    "
-        + weights.listing(unmappable, "\n    "))
+      f"format {fmt!r} cannot produce {len(unmappable)} parameter(s) of the model "
+      f"{type(model).__name__} (is it the {spec.model} architecture?):\n    "
+      + weights.listing(unmappable, "\n    ")
+    )
 
   # One message per source key (a BatchNorm's four tensors feed two parameters).
   missing, misshaped, used = {}, {}, set()
   for path, rule in rules.items():
     expected = _source_shapes(rule, targets[path])
     if expected is None:
-      misshaped[path] = (f"params/{path}: model shape {targets[path]} cannot be fused from 3 "
-                         f"tensors {rule.keys}")
+      misshaped[path] = (
+        f"params/{path}: model shape {targets[path]} cannot be fused from 3 tensors {rule.keys}"
+      )
       continue
     # A BatchNorm's tensors feed the norm's scale and bias: name the module.
-    target = f"params/{path.rpartition('/')[0]}" if rule.kind.startswith("bn_") else (
-        f"params/{path}")
+    target = (
+      f"params/{path.rpartition('/')[0]}" if rule.kind.startswith("bn_") else (f"params/{path}")
+    )
     for key, shape in zip(rule.keys, expected):
       used.add(key)
       if key not in tensors:
         missing.setdefault(key, f"{key} (expected shape {shape}, for {target})")
       elif tuple(np.shape(tensors[key])) != shape:
-        misshaped.setdefault(key, f"{key}: shape {tuple(np.shape(tensors[key]))}, expected "
-                                  f"{shape} (for {target})")
+        misshaped.setdefault(
+          key, f"{key}: shape {tuple(np.shape(tensors[key]))}, expected {shape} (for {target})"
+        )
   ignored = [re.compile(p) for p in spec.ignored]
-  unused = [f"{k} (shape {tuple(np.shape(v))})" for k, v in sorted(tensors.items())
-            if k not in used and not any(r.fullmatch(k) for r in ignored)]
+  unused = [
+    f"{k} (shape {tuple(np.shape(v))})"
+    for k, v in sorted(tensors.items())
+    if k not in used and not any(r.fullmatch(k) for r in ignored)
+  ]
   problems = []
-  for what, items in (("missing", list(missing.values())),
-                      ("mis-shaped", list(misshaped.values())),
-                      ("not used by the model (unmapped)", unused)):
+  for what, items in (
+    ("missing", list(missing.values())),
+    ("mis-shaped", list(misshaped.values())),
+    ("not used by the model (unmapped)", unused),
+  ):
     if items:
-      problems.append(f"{len(items)} key(s) {what}:\n    " + weights.listing(sorted(items), "\n    "))
+      problems.append(
+        f"{len(items)} key(s) {what}:\n    " + weights.listing(sorted(items), "\n    ")
+      )
   if problems:
     raise ConversionError(
-        f"{source} does not fit the {fmt!r} layout of {type(model).__name__} "
-        f"({spec.description}):\n  " + "\n  ".join(problems))
+      f"{source} does not fit the {fmt!r} layout of {type(model).__name__} "
+      f"({spec.description}):\n  " + "\n  ".join(problems)
+    )
 
   flat = {}
   for path, rule in rules.items():
@@ -402,7 +447,8 @@ def read_safetensors(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
   back as ``ml_dtypes.bfloat16`` NumPy arrays.
   """
   from safetensors import flax as st_flax  # noqa: PLC0415 (converter only)
-  from safetensors import numpy as st_numpy
+  from safetensors import numpy as st_numpy  # noqa: PLC0415 (the converter's only)
+
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"--input {path}: no such file")
@@ -414,8 +460,9 @@ def read_safetensors(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         raise
       return {k: np.asarray(v) for k, v in st_flax.load_file(path).items()}
   except Exception as e:  # safetensors raises its own error types for bad files
-    raise ValueError(f"--input {path}: cannot read it as a safetensors file: "
-                     f"{type(e).__name__}: {e}") from e
+    raise ValueError(
+      f"--input {path}: cannot read it as a safetensors file: {type(e).__name__}: {e}"
+    ) from e
 
 
 def logit_scale(tensors: Mapping[str, np.ndarray]) -> float | None:
@@ -424,10 +471,16 @@ def logit_scale(tensors: Mapping[str, np.ndarray]) -> float | None:
   return None if value is None else float(math.exp(float(np.asarray(value).reshape(()))))
 
 
-def convert_file(fmt: str, input_path: str | os.PathLike[str],
-                 output: str | os.PathLike[str], model: Any = None,
-                 image_size: int | None = None, *, preset: str | None = None,
-                 overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def convert_file(
+  fmt: str,
+  input_path: str | os.PathLike[str],
+  output: str | os.PathLike[str],
+  model: Any = None,
+  image_size: int | None = None,
+  *,
+  preset: str | None = None,
+  overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
   """Converts the safetensors file ``input_path`` and saves the params checkpoint ``output``.
 
   Args:
@@ -460,9 +513,13 @@ def convert_file(fmt: str, input_path: str | os.PathLike[str],
   params = convert(fmt, tensors, model, image_size, source=os.fspath(input_path))
   weights.save_params(output, params)
   leaves = jax.tree.leaves(params)
-  return {"model": type(model).__name__, "tensors": len(leaves),
-          "parameters": int(sum(x.size for x in leaves)), "head": "head" in params["params"],
-          "logit_scale": logit_scale(tensors)}
+  return {
+    "model": type(model).__name__,
+    "tensors": len(leaves),
+    "parameters": int(sum(x.size for x in leaves)),
+    "head": "head" in params["params"],
+    "logit_scale": logit_scale(tensors),
+  }
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -476,22 +533,34 @@ def parse_override(text: str) -> tuple[str, Any]:
   return key, tuple(parsed) if isinstance(parsed, list) else parsed
 
 
-def convert_command(fmt: str, input_path: str, output: str, *, model: str | None = None,
-                    overrides: Sequence[str] = (), image_size: int | None = None) -> int:
+def convert_command(
+  fmt: str,
+  input_path: str,
+  output: str,
+  *,
+  model: str | None = None,
+  overrides: Sequence[str] = (),
+  image_size: int | None = None,
+) -> int:
   """What ``python -m experiments.convert`` does: converts, prints a summary; the exit status
   (1 with a one-line ``error:`` for a bad file, an existing output or a bad override)."""
   try:
     parsed = dict(parse_override(o) for o in overrides)
-    info = convert_file(fmt, input_path, output, image_size=image_size, preset=model,
-                        overrides=parsed)
+    info = convert_file(
+      fmt, input_path, output, image_size=image_size, preset=model, overrides=parsed
+    )
   except (ValueError, OSError) as e:  # ConversionError, missing input, existing output
     print(f"error: {e}", file=sys.stderr)
     return 1
   preset = model or FORMATS[fmt].model
-  print(f"wrote {output}: {info['tensors']} tensors, {info['parameters']:,} parameters "
-        f"of model {preset} ({info['model']})" + ("" if info["head"] else " (no head: the "
-                                                 "fine-tuning config initialises it)"))
+  print(
+    f"wrote {output}: {info['tensors']} tensors, {info['parameters']:,} parameters "
+    f"of model {preset} ({info['model']})"
+    + ("" if info["head"] else " (no head: the fine-tuning config initialises it)")
+  )
   if info["logit_scale"] is not None:
-    print(f"the checkpoint's CLIP logit scale is {info['logit_scale']:.4g} "
-          "(--config.model.overrides.logit_scale for a zero-shot head)")
+    print(
+      f"the checkpoint's CLIP logit scale is {info['logit_scale']:.4g} "
+      "(--config.model.overrides.logit_scale for a zero-shot head)"
+    )
   return 0

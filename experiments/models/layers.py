@@ -59,8 +59,9 @@ def make_norm(kind: str, channels: int, max_groups: int, name: str) -> nn.Module
   raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
 
 
-def zero_shot_kernel(path: str, num_classes: int, embedding_dim: int,
-                     logit_scale: float = 100.0) -> np.ndarray:
+def zero_shot_kernel(
+  path: str, num_classes: int, embedding_dim: int, logit_scale: float = 100.0
+) -> np.ndarray:
   """CLIP's zero-shot classifier as a Dense kernel: ``logit_scale * normalise(E).T``.
 
   ``E`` is the ``(num_classes, embedding_dim)`` array of class text embeddings in
@@ -92,21 +93,26 @@ def zero_shot_kernel(path: str, num_classes: int, embedding_dim: int,
   try:
     emb = np.load(path, allow_pickle=False)
   except (OSError, ValueError) as e:
-    raise ValueError(f"{where}: cannot read the class text embeddings, a .npy array of shape "
-                     f"(num_classes, embedding dim) = {expected}: {e}") from e
+    raise ValueError(
+      f"{where}: cannot read the class text embeddings, a .npy array of shape "
+      f"(num_classes, embedding dim) = {expected}: {e}"
+    ) from e
   if not isinstance(emb, np.ndarray):
     raise ValueError(f"{where}: expected a .npy file holding one array of shape {expected}")
   if emb.shape != expected:
-    raise ValueError(f"{where}: the class text embeddings have shape {emb.shape}; the model "
-                     f"needs (num_classes, embedding dim) = {expected}")
+    raise ValueError(
+      f"{where}: the class text embeddings have shape {emb.shape}; the model "
+      f"needs (num_classes, embedding dim) = {expected}"
+    )
   if not np.issubdtype(emb.dtype, np.floating):
     raise ValueError(f"{where}: the class text embeddings must be floats, got {emb.dtype}")
   emb = emb.astype(np.float64)
   norms = np.linalg.norm(emb, axis=1, keepdims=True)
   bad = np.flatnonzero(~np.isfinite(norms[:, 0]) | (norms[:, 0] == 0))
   if bad.size:
-    raise ValueError(f"{where}: the text embeddings of class(es) {bad[:10].tolist()} are zero "
-                     "or not finite")
+    raise ValueError(
+      f"{where}: the text embeddings of class(es) {bad[:10].tolist()} are zero or not finite"
+    )
   return (logit_scale * emb / norms).T.astype(np.float32)
 
 
@@ -133,8 +139,10 @@ def classify(module: Classifier, x: jax.Array) -> jax.Array:
     if module.head_zero_init:
       raise ValueError("head_zero_init and zero_shot_head exclude each other")
     path, scale = module.zero_shot_head, module.logit_scale
-    kernel_init = lambda key, shape, dtype=jnp.float32: jnp.asarray(
-        zero_shot_kernel(path, shape[1], shape[0], scale), dtype)
+
+    def kernel_init(key, shape, dtype=jnp.float32):
+      return jnp.asarray(zero_shot_kernel(path, shape[1], shape[0], scale), dtype)
+
     x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
   elif module.head_zero_init:
     kernel_init = nn.initializers.zeros
@@ -156,7 +164,8 @@ class ConvNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     k, s = self.kernel_size, self.strides
-    x = nn.Conv(self.features, (k, k), (s, s), padding=[(k // 2, k // 2)] * 2,
-                use_bias=False, name="conv")(x)
+    x = nn.Conv(
+      self.features, (k, k), (s, s), padding=[(k // 2, k // 2)] * 2, use_bias=False, name="conv"
+    )(x)
     x = make_norm(self.norm, self.features, self.norm_groups, "norm")(x)
     return nn.relu(x) if self.relu else x

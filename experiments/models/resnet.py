@@ -53,8 +53,9 @@ class BottleneckBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     out, f, g, n, s = 4 * self.features, self.features, self.norm_groups, self.norm, self.strides
-    pool = (lambda y: nn.avg_pool(y, (s, s), (s, s))) if self.anti_alias and s > 1 else (
-        lambda y: y)
+    pool = (
+      (lambda y: nn.avg_pool(y, (s, s), (s, s))) if self.anti_alias and s > 1 else (lambda y: y)
+    )
     conv_stride = 1 if self.anti_alias else s
     y = ConvNorm(f, 1, 1, g, norm=n, name="unit1")(x)
     y = ConvNorm(f, 3, conv_stride, g, norm=n, name="unit2")(y)
@@ -106,17 +107,26 @@ class ResNet(Classifier):
   def __call__(self, x: jax.Array) -> jax.Array:
     check_images(x)
     if not len(self.stage_sizes) == len(self.widths) == len(self.strides):
-      raise ValueError("stage_sizes, widths and strides must have the same length, got "
-                       f"{self.stage_sizes}, {self.widths}, {self.strides}")
+      raise ValueError(
+        "stage_sizes, widths and strides must have the same length, got "
+        f"{self.stage_sizes}, {self.widths}, {self.strides}"
+      )
     if self.block not in _BLOCKS:
       raise ValueError(f"block must be one of {sorted(_BLOCKS)}, got {self.block!r}")
-    x = ConvNorm(self.stem_width, self.stem_kernel, self.stem_stride, self.norm_groups,
-                 norm=self.norm, name="stem")(x)
+    x = ConvNorm(
+      self.stem_width,
+      self.stem_kernel,
+      self.stem_stride,
+      self.norm_groups,
+      norm=self.norm,
+      name="stem",
+    )(x)
     if self.stem_pool:
       x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     names = iter(block_names(sum(self.stage_sizes)))
     for size, width, stride in zip(self.stage_sizes, self.widths, self.strides):
       for i in range(size):
-        x = _BLOCKS[self.block](width, stride if i == 0 else 1, self.norm_groups,
-                                norm=self.norm, name=next(names))(x)
+        x = _BLOCKS[self.block](
+          width, stride if i == 0 else 1, self.norm_groups, norm=self.norm, name=next(names)
+        )(x)
     return classify(self, jnp.mean(x, axis=(1, 2)))

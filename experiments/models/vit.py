@@ -34,7 +34,7 @@ class Mlp(nn.Module):
 
 
 class SelfAttention(nn.Module):
-  """Multi-head self-attention with a fused ``qkv`` Dense (kernel ``(d, 3d)``) and an ``out`` Dense."""
+  """Multi-head self-attention: a fused ``qkv`` Dense (kernel ``(d, 3d)``), an ``out`` Dense."""
 
   num_heads: int
 
@@ -60,7 +60,9 @@ class EncoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    norm = lambda name: nn.LayerNorm(epsilon=self.norm_eps, name=name)
+    def norm(name):
+      return nn.LayerNorm(epsilon=self.norm_eps, name=name)
+
     x = x + SelfAttention(self.num_heads, name="attn")(norm("norm1")(x))
     return x + Mlp(self.mlp_dim, self.act, name="mlp")(norm("norm2")(x))
 
@@ -100,8 +102,9 @@ class PatchEmbed(nn.Module):
     p = self.patch_size
     if x.shape[1] % p or x.shape[2] % p:
       raise ValueError(f"image size {x.shape[1:3]} is not divisible by patch_size={p}")
-    x = nn.Conv(self.hidden_size, (p, p), (p, p), padding="VALID", use_bias=self.patch_bias,
-                name="patch")(x)
+    x = nn.Conv(
+      self.hidden_size, (p, p), (p, p), padding="VALID", use_bias=self.patch_bias, name="patch"
+    )(x)
     x = x.reshape(x.shape[0], -1, self.hidden_size)
     if self.cls_token:
       cls = self.param("cls", nn.initializers.zeros, (1, 1, self.hidden_size))
@@ -148,10 +151,18 @@ class ViT(Classifier):
     check_images(x)
     if self.pool not in ("cls", "gap"):
       raise ValueError(f"pool must be 'cls' or 'gap', got {self.pool!r}")
-    x = PatchEmbed(self.patch_size, self.hidden_size, self.pool == "cls", self.patch_bias,
-                   self.pre_norm, self.norm_eps, name="embed")(x)
-    x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.act, self.norm_eps,
-                name="encoder")(x)
+    x = PatchEmbed(
+      self.patch_size,
+      self.hidden_size,
+      self.pool == "cls",
+      self.patch_bias,
+      self.pre_norm,
+      self.norm_eps,
+      name="embed",
+    )(x)
+    x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.act, self.norm_eps, name="encoder")(
+      x
+    )
     x = x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)
     if self.proj_dim:
       x = nn.Dense(self.proj_dim, use_bias=False, name="proj")(x)

@@ -66,9 +66,9 @@ from experiments.training.weights import CheckpointError, flatten, listing
 from experiments.types import PyTree
 
 __all__ = [
-    "CheckpointError",
-    "Checkpointer",
-    "PreemptionGuard",
+  "CheckpointError",
+  "Checkpointer",
+  "PreemptionGuard",
 ]
 
 
@@ -84,8 +84,9 @@ def _check_savable(state: PyTree) -> None:
     dtype = getattr(leaf, "dtype", None)
     if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
       raise TypeError(
-          f"state leaf '{path}' is a typed PRNG key; save its key data instead "
-          "(jax.random.key_data(key)) and rebuild it with jax.random.wrap_key_data")
+        f"state leaf '{path}' is a typed PRNG key; save its key data instead "
+        "(jax.random.key_data(key)) and rebuild it with jax.random.wrap_key_data"
+      )
 
 
 def _dtype(leaf: Any) -> np.dtype:
@@ -93,7 +94,7 @@ def _dtype(leaf: Any) -> np.dtype:
 
 
 def _check_fits(target: PyTree, saved: PyTree, directory: epath.Path) -> None:
-  """Raises CheckpointError unless the ``saved`` metadata tree has target's paths, shapes, dtypes."""
+  """Raises CheckpointError unless the ``saved`` metadata has the target's paths, shapes, dtypes."""
   want_paths, want_leaves, _ = flatten(target)
   have_paths, have_meta, _ = flatten(saved)
   want = dict(zip(want_paths, want_leaves))
@@ -102,25 +103,29 @@ def _check_fits(target: PyTree, saved: PyTree, directory: epath.Path) -> None:
   missing = [p for p in want_paths if p not in have]
   unexpected = [p for p in have_paths if p not in want]
   if missing:
-    problems.append(f"{len(missing)} leaf(s) of the target missing from the checkpoint: "
-                    + listing(missing))
+    problems.append(
+      f"{len(missing)} leaf(s) of the target missing from the checkpoint: " + listing(missing)
+    )
   if unexpected:
-    problems.append(f"{len(unexpected)} checkpoint leaf(s) not in the target: "
-                    + listing(unexpected))
+    problems.append(
+      f"{len(unexpected)} checkpoint leaf(s) not in the target: " + listing(unexpected)
+    )
   mismatched = []
   for p in want_paths:
     if p not in have:
       continue
     shape, dtype = tuple(np.shape(want[p])), _dtype(want[p])
     if tuple(have[p].shape) != shape or np.dtype(have[p].dtype) != dtype:
-      mismatched.append(f"{p}: checkpoint {tuple(have[p].shape)} {np.dtype(have[p].dtype)} "
-                        f"vs target {shape} {dtype}")
+      mismatched.append(
+        f"{p}: checkpoint {tuple(have[p].shape)} {np.dtype(have[p].dtype)} "
+        f"vs target {shape} {dtype}"
+      )
   if mismatched:
-    problems.append(f"shape/dtype mismatch for {len(mismatched)} leaf(s): "
-                    + listing(mismatched))
+    problems.append(f"shape/dtype mismatch for {len(mismatched)} leaf(s): " + listing(mismatched))
   if problems:
-    raise CheckpointError(f"checkpoint {directory} does not fit the target state:\n  "
-                          + "\n  ".join(problems))
+    raise CheckpointError(
+      f"checkpoint {directory} does not fit the target state:\n  " + "\n  ".join(problems)
+    )
 
 
 def _abstract(leaf: Any) -> Any:
@@ -166,9 +171,15 @@ class Checkpointer:
     np.int32(10)
   """
 
-  def __init__(self, directory: str | os.PathLike[str], *, max_to_keep: int | None = 2,
-               save_interval_steps: int = 100, async_save: bool = True,
-               read_only: bool = False):
+  def __init__(
+    self,
+    directory: str | os.PathLike[str],
+    *,
+    max_to_keep: int | None = 2,
+    save_interval_steps: int = 100,
+    async_save: bool = True,
+    read_only: bool = False,
+  ):
     if save_interval_steps < 1:
       raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
     if max_to_keep is not None and max_to_keep < 1:
@@ -177,16 +188,21 @@ class Checkpointer:
     self.read_only = read_only
     policy = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=save_interval_steps, max_to_keep=max_to_keep,
-        enable_async_checkpointing=async_save, read_only=read_only, create=not read_only,
-        cleanup_tmp_directories=not read_only,
-        # orbax's default policy also saves the first step seen; the interval and
-        # preemption are what a resumable loop needs.
-        save_decision_policy=policy.AnySavePolicy([
-            policy.FixedIntervalPolicy(save_interval_steps),
-            policy.PreemptionCheckpointingPolicy()]))
+      save_interval_steps=save_interval_steps,
+      max_to_keep=max_to_keep,
+      enable_async_checkpointing=async_save,
+      read_only=read_only,
+      create=not read_only,
+      cleanup_tmp_directories=not read_only,
+      # orbax's default policy also saves the first step seen; the interval and
+      # preemption are what a resumable loop needs.
+      save_decision_policy=policy.AnySavePolicy(
+        [policy.FixedIntervalPolicy(save_interval_steps), policy.PreemptionCheckpointingPolicy()]
+      ),
+    )
     self._manager = ocp.CheckpointManager(
-        self.directory, options=options, item_handlers={_STATE: ocp.StandardCheckpointHandler()})
+      self.directory, options=options, item_handlers={_STATE: ocp.StandardCheckpointHandler()}
+    )
 
   def __enter__(self) -> Checkpointer:
     return self
@@ -208,8 +224,9 @@ class Checkpointer:
     """The saved steps (finalized, or being saved by this object), oldest first."""
     return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state: PyTree, *, force: bool = False,
-           metadata: dict[str, Any] | None = None) -> bool:
+  def save(
+    self, step: int, state: PyTree, *, force: bool = False, metadata: dict[str, Any] | None = None
+  ) -> bool:
     """Starts saving ``state`` as the checkpoint of ``step``, if it is due.
 
     Call it from every process with the same arguments. The write goes on in
@@ -238,17 +255,23 @@ class Checkpointer:
       return False
     if step in self._manager.all_steps():
       if _is_primary():
-        logging.info("checkpoint step %d already exists in %s; not saving it again",
-                     step, self.directory)
+        logging.info(
+          "checkpoint step %d already exists in %s; not saving it again", step, self.directory
+        )
       return False
     path = self.step_directory(step)
     if path.exists():
       raise CheckpointError(
-          f"cannot save step {step}: {path} exists but is not a checkpoint orbax lists; it is "
-          "left untouched: move it away to save this step")
+        f"cannot save step {step}: {path} exists but is not a checkpoint orbax lists; it is "
+        "left untouched: move it away to save this step"
+      )
     _check_savable(state)
-    saved = self._manager.save(step, args=ocp.args.Composite(**{
-        _STATE: ocp.args.StandardSave(state)}), custom_metadata=metadata, force=True)
+    saved = self._manager.save(
+      step,
+      args=ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state)}),
+      custom_metadata=metadata,
+      force=True,
+    )
     if saved and _is_primary():
       logging.info("saving checkpoint step %d to %s", step, path)
     return saved
@@ -257,8 +280,10 @@ class Checkpointer:
     older = [s for s in self.all_steps() if s < step]
     if not older:
       return ""
-    return (f"; the previous checkpoint is step {older[-1]}: move "
-            f"{self.step_directory(step)} away to resume from it")
+    return (
+      f"; the previous checkpoint is step {older[-1]}: move "
+      f"{self.step_directory(step)} away to resume from it"
+    )
 
   def _checked_step(self, step: int | None) -> int:
     if step is None:
@@ -294,16 +319,19 @@ class Checkpointer:
     items = self._step_metadata(step).item_metadata
     saved = items.get(_STATE) if items is not None else None
     if saved is None or not hasattr(saved, "tree"):
-      raise CheckpointError(f"cannot read the metadata of the checkpoint of step {step} at "
-                            f"{path} (damaged checkpoint?){self._previous_step_hint(step)}")
+      raise CheckpointError(
+        f"cannot read the metadata of the checkpoint of step {step} at "
+        f"{path} (damaged checkpoint?){self._previous_step_hint(step)}"
+      )
     _check_fits(target, saved.tree, path / _STATE)
     args = ocp.args.StandardRestore(jax.tree.map(_abstract, target))
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**{_STATE: args}))[_STATE]
     except Exception as e:  # orbax/tensorstore raise many types for corrupt files
       raise CheckpointError(
-          f"cannot read the arrays of the checkpoint of step {step} at {path} (corrupt or "
-          f"partial files?){self._previous_step_hint(step)}: {type(e).__name__}: {e}") from e
+        f"cannot read the arrays of the checkpoint of step {step} at {path} (corrupt or "
+        f"partial files?){self._previous_step_hint(step)}: {type(e).__name__}: {e}"
+      ) from e
     if _is_primary():
       logging.info("restored checkpoint step %d from %s", step, path)
     return jax.tree.map(_like, target, restored)
@@ -320,13 +348,16 @@ class Checkpointer:
 
   def _step_metadata(self, step: int) -> Any:
     """orbax's metadata of a saved step; CheckpointError if it is missing or unreadable."""
-    where = (f"the metadata of the checkpoint of step {step} at {self.step_directory(step)} "
-             "(damaged checkpoint?)")
+    where = (
+      f"the metadata of the checkpoint of step {step} at {self.step_directory(step)} "
+      "(damaged checkpoint?)"
+    )
     try:
       metadata = self._manager.metadata(step)
     except Exception as e:  # orbax/tensorstore raise many types for unreadable files
-      raise CheckpointError(f"cannot read {where}{self._previous_step_hint(step)}: "
-                            f"{type(e).__name__}: {e}") from e
+      raise CheckpointError(
+        f"cannot read {where}{self._previous_step_hint(step)}: {type(e).__name__}: {e}"
+      ) from e
     if metadata.commit_timestamp_nsecs is None:  # orbax found no readable step metadata
       raise CheckpointError(f"cannot read {where}{self._previous_step_hint(step)}")
     return metadata
@@ -364,15 +395,20 @@ class PreemptionGuard:
     False
   """
 
-  def __init__(self, checkpointer: Checkpointer | None = None,
-               signals: Iterable[int] = (signal.SIGTERM,)):
+  def __init__(
+    self, checkpointer: Checkpointer | None = None, signals: Iterable[int] = (signal.SIGTERM,)
+  ):
     if threading.current_thread() is not threading.main_thread():
-      raise ValueError("PreemptionGuard must be created in the main thread "
-                       "(Python runs signal handlers there only)")
+      raise ValueError(
+        "PreemptionGuard must be created in the main thread "
+        "(Python runs signal handlers there only)"
+      )
     self._multiprocess = jax.process_count() > 1
     if self._multiprocess and checkpointer is None:
-      raise ValueError("PreemptionGuard needs the run's Checkpointer with several processes "
-                       "(it asks orbax whether the preemption sync point is reached)")
+      raise ValueError(
+        "PreemptionGuard needs the run's Checkpointer with several processes "
+        "(it asks orbax whether the preemption sync point is reached)"
+      )
     self._checkpointer = checkpointer
     self._requested = False
     self._stop = False
@@ -386,8 +422,9 @@ class PreemptionGuard:
     if signum == signal.SIGINT and self._requested:
       raise KeyboardInterrupt
     self._requested = True
-    logging.warning("received %s: stopping at the next step after a save",
-                    signal.Signals(signum).name)
+    logging.warning(
+      "received %s: stopping at the next step after a save", signal.Signals(signum).name
+    )
 
   @property
   def requested(self) -> bool:

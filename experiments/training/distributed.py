@@ -34,21 +34,25 @@ from jax.sharding import PartitionSpec as P
 from experiments.types import PyTree
 
 __all__ = [
-    "batch_sharding",
-    "global_batch",
-    "initialize",
-    "make_mesh",
-    "param_sharding",
-    "process_slice",
-    "state_sharding",
+  "batch_sharding",
+  "global_batch",
+  "initialize",
+  "make_mesh",
+  "param_sharding",
+  "process_slice",
+  "state_sharding",
 ]
 
 
-
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None,
-               local_device_ids: int | Sequence[int] | None = None, *,
-               auto_detect: bool = False, initialization_timeout: int = 300) -> None:
+def initialize(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  local_device_ids: int | Sequence[int] | None = None,
+  *,
+  auto_detect: bool = False,
+  initialization_timeout: int = 300,
+) -> None:
   """Starts JAX's multi-process runtime; a no-op for a single process.
 
   Call it first, before anything touches a device. It does nothing when
@@ -71,22 +75,36 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   """
   if jax.distributed.is_initialized():
     if num_processes is not None and num_processes != jax.process_count():
-      raise RuntimeError(f"JAX is already initialised with {jax.process_count()} "
-                         f"process(es), not {num_processes}")
+      raise RuntimeError(
+        f"JAX is already initialised with {jax.process_count()} process(es), not {num_processes}"
+      )
     return
   explicit = (coordinator_address, num_processes, process_id, local_device_ids)
-  if num_processes == 1 or (all(a is None for a in explicit) and not auto_detect
-                            and not os.environ.get("JAX_COORDINATOR_ADDRESS")):
+  if num_processes == 1 or (
+    all(a is None for a in explicit)
+    and not auto_detect
+    and not os.environ.get("JAX_COORDINATOR_ADDRESS")
+  ):
     return
-  jax.distributed.initialize(coordinator_address, num_processes, process_id, local_device_ids,
-                             initialization_timeout=initialization_timeout)
+  jax.distributed.initialize(
+    coordinator_address,
+    num_processes,
+    process_id,
+    local_device_ids,
+    initialization_timeout=initialization_timeout,
+  )
   if jax.process_index() == 0:
-    logging.info("JAX distributed: %d processes, %d devices (%d local)", jax.process_count(),
-                 jax.device_count(), jax.local_device_count())
+    logging.info(
+      "JAX distributed: %d processes, %d devices (%d local)",
+      jax.process_count(),
+      jax.device_count(),
+      jax.local_device_count(),
+    )
 
 
-def make_mesh(mesh_shape: Mapping[str, int] | None = None, *,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+  mesh_shape: Mapping[str, int] | None = None, *, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
   """A device mesh with named axes, e.g. ``{"data": -1, "model": 2}``.
 
   Args:
@@ -104,10 +122,15 @@ def make_mesh(mesh_shape: Mapping[str, int] | None = None, *,
   mesh_shape = dict(mesh_shape or {"data": -1})
   n = len(devices) if devices is not None else jax.device_count()
   sizes = list(mesh_shape.values())
-  if not sizes or any(not isinstance(s, int) or (s < 1 and s != -1) for s in sizes) or (
-      sizes.count(-1) > 1):
-    raise ValueError(f"mesh_shape must map axis names to positive sizes, with at most one "
-                     f"-1 (the remaining devices); got {mesh_shape}")
+  if (
+    not sizes
+    or any(not isinstance(s, int) or (s < 1 and s != -1) for s in sizes)
+    or (sizes.count(-1) > 1)
+  ):
+    raise ValueError(
+      f"mesh_shape must map axis names to positive sizes, with at most one "
+      f"-1 (the remaining devices); got {mesh_shape}"
+    )
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if n % known:
@@ -116,16 +139,18 @@ def make_mesh(mesh_shape: Mapping[str, int] | None = None, *,
   if math.prod(sizes) != n:
     raise ValueError(f"mesh_shape {mesh_shape} needs {math.prod(sizes)} devices; there are {n}")
   names = tuple(mesh_shape)
-  return jax.make_mesh(tuple(sizes), names, axis_types=(jax.sharding.AxisType.Auto,) * len(names),
-                       devices=devices)
+  return jax.make_mesh(
+    tuple(sizes), names, axis_types=(jax.sharding.AxisType.Auto,) * len(names), devices=devices
+  )
 
 
 def _axis_size(mesh: Mesh, axis: str | None) -> int:
   return mesh.shape.get(axis, 1) if axis is not None else 1
 
 
-def _param_spec(shape: tuple[int, ...], mesh: Mesh, fsdp_axis: str | None,
-                tp_axis: str | None, min_size: int) -> P:
+def _param_spec(
+  shape: tuple[int, ...], mesh: Mesh, fsdp_axis: str | None, tp_axis: str | None, min_size: int
+) -> P:
   if len(shape) < 2 or math.prod(shape) < min_size:
     return P()
   spec: list[str | None] = [None] * len(shape)
@@ -139,8 +164,14 @@ def _param_spec(shape: tuple[int, ...], mesh: Mesh, fsdp_axis: str | None,
   return P(*spec)
 
 
-def param_sharding(abstract_params: PyTree, mesh: Mesh, *, fsdp_axis: str | None = "data",
-                   tp_axis: str | None = "model", min_size: int = 2**14) -> PyTree:
+def param_sharding(
+  abstract_params: PyTree,
+  mesh: Mesh,
+  *,
+  fsdp_axis: str | None = "data",
+  tp_axis: str | None = "model",
+  min_size: int = 2**14,
+) -> PyTree:
   """A ``NamedSharding`` per parameter: FSDP over ``fsdp_axis``, tensor parallel over ``tp_axis``.
 
   Rules, by shape only (so equal shapes get equal shardings):
@@ -167,17 +198,24 @@ def param_sharding(abstract_params: PyTree, mesh: Mesh, *, fsdp_axis: str | None
     A pytree of ``NamedSharding`` with the structure of ``abstract_params``.
   """
   return jax.tree.map(
-      lambda x: NamedSharding(mesh, _param_spec(tuple(np.shape(x)), mesh, fsdp_axis, tp_axis,
-                                                min_size)), abstract_params)
+    lambda x: NamedSharding(
+      mesh, _param_spec(tuple(np.shape(x)), mesh, fsdp_axis, tp_axis, min_size)
+    ),
+    abstract_params,
+  )
 
 
 def _path(path: tuple[Any, ...]) -> tuple[str, ...]:
   return tuple(jax.tree_util.keystr((k,), simple=True) for k in path)
 
 
-def state_sharding(abstract_state: PyTree, mesh: Mesh,
-                   param_shardings_fn: Callable[[PyTree, Mesh], PyTree] = param_sharding, *,
-                   params_key: str | None = "params") -> PyTree:
+def state_sharding(
+  abstract_state: PyTree,
+  mesh: Mesh,
+  param_shardings_fn: Callable[[PyTree, Mesh], PyTree] = param_sharding,
+  *,
+  params_key: str | None = "params",
+) -> PyTree:
   """A ``NamedSharding`` per train-state leaf: like the parameters, else replicated.
 
   The parameters are ``abstract_state[params_key]`` (the whole state when
@@ -202,14 +240,18 @@ def state_sharding(abstract_state: PyTree, mesh: Mesh,
     A pytree of ``NamedSharding`` with the structure of ``abstract_state``,
     for ``jax.jit(..., in_shardings=..., out_shardings=...)``.
   """
-  if params_key is not None and isinstance(abstract_state, Mapping) and (
-      params_key in abstract_state):
+  if (
+    params_key is not None
+    and isinstance(abstract_state, Mapping)
+    and (params_key in abstract_state)
+  ):
     params = abstract_state[params_key]
   else:
     params = abstract_state
   flat_params, _ = jax.tree_util.tree_flatten_with_path(params)
-  flat_shardings = jax.tree.leaves(param_shardings_fn(params, mesh),
-                                   is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+  flat_shardings = jax.tree.leaves(
+    param_shardings_fn(params, mesh), is_leaf=lambda s: isinstance(s, jax.sharding.Sharding)
+  )
   by_path, by_shape = {}, {}
   for (path, leaf), sharding in zip(flat_params, flat_shardings):
     shape = tuple(np.shape(leaf))
@@ -234,8 +276,9 @@ def batch_sharding(mesh: Mesh, data_axis: str = "data") -> NamedSharding:
   return NamedSharding(mesh, P(data_axis))
 
 
-def process_slice(global_batch_size: int, mesh: Mesh | None = None,
-                  data_axis: str = "data") -> slice:
+def process_slice(
+  global_batch_size: int, mesh: Mesh | None = None, data_axis: str = "data"
+) -> slice:
   """The rows of the global batch that this process loads and passes to :func:`global_batch`.
 
   With a ``mesh``, these are the rows that this process's devices hold under
@@ -250,26 +293,35 @@ def process_slice(global_batch_size: int, mesh: Mesh | None = None,
   if mesh is None:
     count, index = jax.process_count(), jax.process_index()
     if global_batch_size % count:
-      raise ValueError(f"global batch size {global_batch_size} is not divisible by the "
-                       f"{count} processes")
+      raise ValueError(
+        f"global batch size {global_batch_size} is not divisible by the {count} processes"
+      )
     size = global_batch_size // count
     return slice(index * size, (index + 1) * size)
   shards = _axis_size(mesh, data_axis)
   if global_batch_size % shards:
-    raise ValueError(f"global batch size {global_batch_size} is not divisible by the "
-                     f"{shards} devices of mesh axis {data_axis!r}")
-  indices = batch_sharding(mesh, data_axis).addressable_devices_indices_map(
-      (global_batch_size,))
-  rows = sorted({(i[0].start or 0, global_batch_size if i[0].stop is None else i[0].stop)
-                 for i in indices.values()})
+    raise ValueError(
+      f"global batch size {global_batch_size} is not divisible by the "
+      f"{shards} devices of mesh axis {data_axis!r}"
+    )
+  indices = batch_sharding(mesh, data_axis).addressable_devices_indices_map((global_batch_size,))
+  rows = sorted(
+    {
+      (i[0].start or 0, global_batch_size if i[0].stop is None else i[0].stop)
+      for i in indices.values()
+    }
+  )
   if any(a[1] != b[0] for a, b in zip(rows, rows[1:])):
-    raise ValueError(f"process {jax.process_index()} holds the non-contiguous rows {rows} of "
-                     "the batch; order the mesh devices by process")
+    raise ValueError(
+      f"process {jax.process_index()} holds the non-contiguous rows {rows} of "
+      "the batch; order the mesh devices by process"
+    )
   return slice(rows[0][0], rows[-1][1])
 
 
-def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
-                 data_axis: str = "data") -> dict[str, jax.Array]:
+def global_batch(
+  local_batch: Mapping[str, np.ndarray], mesh: Mesh, data_axis: str = "data"
+) -> dict[str, jax.Array]:
   """One global ``jax.Array`` per entry, from each process's rows of the batch.
 
   Each process passes the rows ``process_slice(global_batch_size, mesh,
@@ -280,8 +332,9 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
   out = {}
   for name, x in local_batch.items():
     if np.ndim(x) < 1:
-      raise ValueError(f"batch entry {name!r} must have a leading batch axis; got shape "
-                       f"{np.shape(x)}")
+      raise ValueError(
+        f"batch entry {name!r} must have a leading batch axis; got shape {np.shape(x)}"
+      )
     out[name] = jax.make_array_from_process_local_data(sharding, x)
   return out
 

@@ -37,18 +37,27 @@ class Evaluator:
     options: the loader and evaluation-transform settings (``config.data``).
   """
 
-  def __init__(self, model: nn.Module, task: tasks.Task, mesh: Mesh, *,
-               names: Sequence[str] | None = None, batch_size: int = 500,
-               data_dir: str | None = None,
-               options: InputOptions = InputOptions()):
+  def __init__(
+    self,
+    model: nn.Module,
+    task: tasks.Task,
+    mesh: Mesh,
+    *,
+    names: Sequence[str] | None = None,
+    batch_size: int = 500,
+    data_dir: str | None = None,
+    options: InputOptions = InputOptions(),
+  ):
     self.model, self.task, self.mesh, self.options = model, task, mesh, options
     self.names = tuple(names if names is not None else task.eval_splits())
     layout = distributed.data_layout(batch_size, mesh)
     self.batch_size = batch_size
-    self._splits = {n: sources.open_split(task, n, options=options, data_dir=data_dir)
-                    for n in self.names}
-    self._batches = {n: pipeline.eval_batches(s, batch_size=batch_size, **layout)
-                     for n, s in self._splits.items()}
+    self._splits = {
+      n: sources.open_split(task, n, options=options, data_dir=data_dir) for n in self.names
+    }
+    self._batches = {
+      n: pipeline.eval_batches(s, batch_size=batch_size, **layout) for n, s in self._splits.items()
+    }
     self._subsets = {n: sources.class_subset(task, n, data_dir) for n in self.names}
     self._counts = jax.jit(self._count, static_argnames="subset")
 
@@ -70,8 +79,9 @@ class Evaluator:
       subset = self._subsets[name]
       subset = None if subset is None else tuple(int(i) for i in subset)
       correct, count = [], []
-      batches = pipeline.iterate(self._batches[name], self.options,
-                                 in_memory=self._splits[name].in_memory)
+      batches = pipeline.iterate(
+        self._batches[name], self.options, in_memory=self._splits[name].in_memory
+      )
       with contextlib.closing(batches):
         for local in batches:
           c, n = self._counts(params, distributed.global_batch(local, self.mesh), subset)

@@ -59,12 +59,13 @@ class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or infinite."""
 
 
-class Preempted(Exception):
+class Preempted(Exception):  # noqa: N818 (what happened, not an error)
   """The run stopped on SIGTERM after saving its state; run it again to resume."""
 
 
-def cross_entropy(model: nn.Module, params: PyTree, batch: dict[str, jax.Array],
-                  task: tasks.Task) -> jax.Array:
+def cross_entropy(
+  model: nn.Module, params: PyTree, batch: dict[str, jax.Array], task: tasks.Task
+) -> jax.Array:
   """Mean softmax cross-entropy of ``model`` on ``batch`` (uint8 ``image``, ``label``).
 
   The images are normalised with the task's mean/std here, on the device.
@@ -79,8 +80,9 @@ def _select(tree: PyTree, mask: PyTree | None) -> list[Any]:
   if mask is None:
     return []
   # flatten_up_to keeps the MaskedNode placeholders of a method's anchor aligned.
-  return [x for x, m in zip(jax.tree.structure(mask).flatten_up_to(tree), jax.tree.leaves(mask))
-          if m]
+  return [
+    x for x, m in zip(jax.tree.structure(mask).flatten_up_to(tree), jax.tree.leaves(mask)) if m
+  ]
 
 
 def anchor_of(state: dict[str, Any]) -> PyTree | None:
@@ -90,8 +92,7 @@ def anchor_of(state: dict[str, Any]) -> PyTree | None:
   return optax.tree.get(state["opt_state"], "anchor")
 
 
-def _method_keeps_anchor(abstract_opt_state: PyTree, abstract_params: PyTree,
-                         mask: PyTree) -> bool:
+def _method_keeps_anchor(abstract_opt_state: PyTree, abstract_params: PyTree, mask: PyTree) -> bool:
   """Whether the optimizer state records the pre-trained value of every constrained tensor."""
   try:
     anchor = optax.tree.get(abstract_opt_state, "anchor")
@@ -100,20 +101,22 @@ def _method_keeps_anchor(abstract_opt_state: PyTree, abstract_params: PyTree,
   if anchor is None:
     return False
   leaves = jax.tree.structure(abstract_params).flatten_up_to(anchor)
-  return all(not m or (isinstance(a, jax.ShapeDtypeStruct) and a.shape == p.shape)
-             for a, p, m in zip(leaves, jax.tree.leaves(abstract_params), jax.tree.leaves(mask)))
+  return all(
+    not m or (isinstance(a, jax.ShapeDtypeStruct) and a.shape == p.shape)
+    for a, p, m in zip(leaves, jax.tree.leaves(abstract_params), jax.tree.leaves(mask))
+  )
 
 
 def step_metrics(params, anchor, radii, mask) -> dict[str, jax.Array]:
   """Distance to the anchor (global L2, max per-channel MARS) and a radii summary."""
   out = {}
   if anchor is not None and mask is not None:
-    diffs = [w - w0 for w, w0 in zip(_select(params, mask),
-                                     _select(anchor, mask))]
+    diffs = [w - w0 for w, w0 in zip(_select(params, mask), _select(anchor, mask))]
     if diffs:
       out["distance_l2"] = optax.tree.norm(diffs)
-      out["distance_mars_max"] = jnp.max(jnp.stack(
-          [jnp.max(tpgm_jax.channel_norms(d, "mars")) for d in diffs]))
+      out["distance_mars_max"] = jnp.max(
+        jnp.stack([jnp.max(tpgm_jax.channel_norms(d, "mars")) for d in diffs])
+      )
   if radii is not None:
     # The projection floors the radii at 1e-8 (tpgm_jax.clip_radii).
     rs = jnp.maximum(jnp.stack(_select(radii, mask)), 1e-8)
@@ -151,6 +154,7 @@ class TrainSetup:
     param_sharding: ``(abstract_params, mesh) -> shardings`` of the parameters;
       the rest of the state follows (``distributed.state_sharding``).
   """
+
   name: str
   train: ConfigDict
   model: nn.Module
@@ -179,6 +183,7 @@ class Step(NamedTuple):
     fresh_params: ``fresh_params()`` -> freshly initialised, sharded params.
     create: ``create(params)`` -> the initial train state, sharded.
   """
+
   fn: Callable
   abstract_state: PyTree
   shardings: PyTree
@@ -194,8 +199,11 @@ def build_step(setup: TrainSetup) -> Step:
   abstract_params = jax.eval_shape(init_fn)
   rules = train_cfg.get("param_groups", ALL_PARAMS)
   optimizers.param_groups(abstract_params, rules)  # every parameter in exactly one group
-  constrained = (optimizers.group_mask(abstract_params, rules, train_cfg.constrained)
-                 if method is not None else None)
+  constrained = (
+    optimizers.group_mask(abstract_params, rules, train_cfg.constrained)
+    if method is not None
+    else None
+  )
   inner = optimizers.optimizer(train_cfg.optimizer, train_cfg.steps)
   if method is None:
     tx = inner
@@ -210,12 +218,17 @@ def build_step(setup: TrainSetup) -> Step:
   # The distance metrics need the anchor: a method that records it (TPGM, FTP, SPD,
   # L2-SP, ...) keeps the only copy in its state; for the others the state holds one.
   own_anchor = method is not None and not _method_keeps_anchor(
-      jax.eval_shape(tx.init, abstract_params), abstract_params, constrained)
+    jax.eval_shape(tx.init, abstract_params), abstract_params, constrained
+  )
 
   def create(params):
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-            "anchor": jax.tree.map(jnp.copy, params) if own_anchor else None,
-            "rng": jax.random.key_data(state_key)}
+    return {
+      "step": jnp.zeros((), jnp.int32),
+      "params": params,
+      "opt_state": tx.init(params),
+      "anchor": jax.tree.map(jnp.copy, params) if own_anchor else None,
+      "rng": jax.random.key_data(state_key),
+    }
 
   abstract_state = jax.eval_shape(create, abstract_params)
   shardings = distributed.state_sharding(abstract_state, mesh, setup.param_sharding)
@@ -233,17 +246,29 @@ def build_step(setup: TrainSetup) -> Step:
     params = optax.apply_updates(params, updates)
     radii = radii_fn(opt_state) if radii_fn is not None else None
     # Frozen gradients are left out: computing them would cost LP a full backward pass.
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(_select(grads, trained)),
-               "lr": lr(state["step"]),
-               **step_metrics(params, anchor_of(state), radii, constrained)}
+    metrics = {
+      "loss": loss,
+      "grad_norm": optax.tree.norm(_select(grads, trained)),
+      "lr": lr(state["step"]),
+      **step_metrics(params, anchor_of(state), radii, constrained),
+    }
     rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
-    new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
-           "anchor": state["anchor"], "rng": rng}
+    new = {
+      "step": state["step"] + 1,
+      "params": params,
+      "opt_state": opt_state,
+      "anchor": state["anchor"],
+      "rng": rng,
+    }
     return new, metrics
 
   heldout_sh = batch_sh if method is not None and method.heldout is not None else None
-  fn = jax.jit(step, in_shardings=(shardings, batch_sh, heldout_sh),
-               out_shardings=(shardings, replicated), donate_argnums=0)
+  fn = jax.jit(
+    step,
+    in_shardings=(shardings, batch_sh, heldout_sh),
+    out_shardings=(shardings, replicated),
+    donate_argnums=0,
+  )
   fresh = jax.jit(init_fn, out_shardings=param_shardings)
   create_jit = jax.jit(create, in_shardings=(param_shardings,), out_shardings=shardings)
   return Step(fn, abstract_state, shardings, fresh, create_jit)
@@ -256,9 +281,12 @@ class _MetricsLog:
     self.path, self.enabled, self.pending = path, enabled, []
     if enabled and path.exists():
       # Steps after the checkpoint we resume from are logged again: drop the old lines.
-      lines = [l for l in path.read_text().splitlines()
-               if l.strip() and json.loads(l)["step"] <= start]
-      path.write_text("".join(l + "\n" for l in lines))
+      lines = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line)["step"] <= start
+      ]
+      path.write_text("".join(line + "\n" for line in lines))
 
   def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
     self.pending.append((step, metrics))
@@ -267,14 +295,16 @@ class _MetricsLog:
     """Fetches the buffered metrics, stops on a non-finite loss, writes them; the last row."""
     if not self.pending:
       return None
-    rows = [{"step": s, **{k: float(v) for k, v in m.items()}}
-            for s, m in jax.device_get(self.pending)]
+    rows = [
+      {"step": s, **{k: float(v) for k, v in m.items()}} for s, m in jax.device_get(self.pending)
+    ]
     self.pending = []
     bad = next((r for r in rows if not math.isfinite(r["loss"])), None)
     if bad is not None:
       raise NonFiniteLossError(
-          f"{run_name}: the training loss is {bad['loss']} at step {bad['step']}; stopping. "
-          "No checkpoint after the last finite loss was written. Try a lower learning rate.")
+        f"{run_name}: the training loss is {bad['loss']} at step {bad['step']}; stopping. "
+        "No checkpoint after the last finite loss was written. Try a lower learning rate."
+      )
     if self.enabled:
       with self.path.open("a") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -303,8 +333,11 @@ def train(setup: TrainSetup, workdir: str | epath.Path) -> dict[str, Any]:
   primary = jax.process_index() == 0
   built = build_step(setup)
   metadata = {"run": setup.name, **(setup.metadata or {})}
-  ckpt = checkpointing.Checkpointer(workdir / "ckpt", max_to_keep=train_cfg.max_to_keep,
-                                    save_interval_steps=train_cfg.checkpoint_every)
+  ckpt = checkpointing.Checkpointer(
+    workdir / "ckpt",
+    max_to_keep=train_cfg.max_to_keep,
+    save_interval_steps=train_cfg.checkpoint_every,
+  )
   with contextlib.ExitStack() as stack:
     stack.callback(ckpt.close)
     state = _initial_state(ckpt, built, setup, metadata)
@@ -314,8 +347,14 @@ def train(setup: TrainSetup, workdir: str | epath.Path) -> dict[str, Any]:
     data = stack.enter_context(contextlib.closing(setup.data(train_cfg.batch_size, start)))
     heldout = _heldout_feed(setup, start, stack)
     log = _MetricsLog(workdir / "metrics.jsonl", start, primary)
-    bar = tqdm.tqdm(total=train_cfg.steps, initial=start, desc=setup.name, unit="step",
-                    disable=not (primary and setup.progress), dynamic_ncols=True)
+    bar = tqdm.tqdm(
+      total=train_cfg.steps,
+      initial=start,
+      desc=setup.name,
+      unit="step",
+      disable=not (primary and setup.progress),
+      dynamic_ncols=True,
+    )
     preempted, clock = False, (time.perf_counter(), start)
     with checkpointing.PreemptionGuard(ckpt) as guard, bar:
       for step in range(start, train_cfg.steps):
@@ -339,8 +378,10 @@ def train(setup: TrainSetup, workdir: str | epath.Path) -> dict[str, Any]:
           break
     ckpt.manager.wait_until_finished()
   if preempted:
-    raise Preempted(f"{setup.name}: stopped at step {int(state['step'])} on SIGTERM; the state "
-                    f"is saved in {workdir}: run the same command again to resume")
+    raise Preempted(
+      f"{setup.name}: stopped at step {int(state['step'])} on SIGTERM; the state "
+      f"is saved in {workdir}: run the same command again to resume"
+    )
   if not (workdir / "params").exists():
     weights.save_params(workdir / "params", {"params": state["params"]})
   return state
@@ -353,10 +394,14 @@ def _initial_state(ckpt, built: Step, setup: TrainSetup, metadata: dict[str, Any
     saved = ckpt.restore_metadata(latest)
     if saved is not None and saved != metadata:
       raise checkpointing.CheckpointError(
-          f"{ckpt.step_directory(latest)} was written by another configuration "
-          f"({saved}, now {metadata}); use another workdir or delete it")
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          built.abstract_state, built.shardings)
+        f"{ckpt.step_directory(latest)} was written by another configuration "
+        f"({saved}, now {metadata}); use another workdir or delete it"
+      )
+    target = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      built.abstract_state,
+      built.shardings,
+    )
     logging.info("%s: resuming from step %d", setup.name, latest)
     return ckpt.restore(target, latest)
   params = built.fresh_params()
@@ -382,8 +427,9 @@ def _heldout_feed(setup: TrainSetup, start: int, stack: contextlib.ExitStack):
     return lambda step: None
   every, iters = method.heldout(setup.section)
   if every < 1 or iters < 1:
-    raise ValueError(f"{setup.name}: held-out batches every {every} steps, {iters} at a time: "
-                     "both must be >= 1")
+    raise ValueError(
+      f"{setup.name}: held-out batches every {every} steps, {iters} at a time: both must be >= 1"
+    )
   first = -(-start // every)
   batch_size = int(setup.section.get("heldout_batch_size") or setup.train.batch_size)
   it = stack.enter_context(contextlib.closing(setup.heldout(batch_size, first * iters)))
@@ -392,7 +438,8 @@ def _heldout_feed(setup: TrainSetup, start: int, stack: contextlib.ExitStack):
     if step % every:
       return None
     local = [next(it) for _ in range(iters)]
-    return distributed.global_batch({n: np.stack([b[n] for b in local], axis=1)
-                                     for n in local[0]}, setup.mesh)
+    return distributed.global_batch(
+      {n: np.stack([b[n] for b in local], axis=1) for n in local[0]}, setup.mesh
+    )
 
   return feed

@@ -58,6 +58,7 @@ class Context:
     constrained: mask of the parameters kept near the anchor (never the new head).
     heldout_loss: ``loss(params, batch) -> scalar`` on a held-out batch.
   """
+
   section: ConfigDict
   inner: optax.GradientTransformation
   constrained: Mask
@@ -77,6 +78,7 @@ class PostHocContext:
     heldout_loss: as in :class:`Context`.
     heldout_batches: ``heldout_batches(n)`` yields ``n`` held-out batches.
   """
+
   name: str
   section: ConfigDict
   pretrained: PyTree
@@ -88,6 +90,7 @@ class PostHocContext:
 
 class PostHocResult(NamedTuple):
   """Named parameter sets (one per variant) and the learned radii, if any."""
+
   params: dict[str, PyTree]
   radii: PyTree | None = None
 
@@ -106,6 +109,7 @@ class Method:
       ``every``, and none at the others.
     radii: ``radii(opt_state) -> radii pytree`` for methods that learn radii.
   """
+
   name: str
   transform: Callable[[Context], optax.GradientTransformation] | None = None
   post_hoc: Callable[[PostHocContext], PostHocResult] | None = None
@@ -122,17 +126,27 @@ class Method:
 
 
 def _wise_ft(ctx: PostHocContext) -> PostHocResult:
-  return PostHocResult({
-      f"{ctx.name}_{alpha:g}": tpgm_jax.interpolate(ctx.finetuned, ctx.pretrained, alpha=alpha,
-                                                 mask=ctx.constrained)
-      for alpha in ctx.section.alphas})
+  return PostHocResult(
+    {
+      f"{ctx.name}_{alpha:g}": tpgm_jax.interpolate(
+        ctx.finetuned, ctx.pretrained, alpha=alpha, mask=ctx.constrained
+      )
+      for alpha in ctx.section.alphas
+    }
+  )
 
 
 def _tpgm_post_hoc(ctx: PostHocContext) -> PostHocResult:
   params, radii = tpgm_jax.learn_radii_post_hoc(
-      ctx.heldout_loss, ctx.finetuned, ctx.pretrained, ctx.heldout_batches(ctx.section.steps),
-      norm=ctx.section.norm, mask=ctx.constrained, optimizer=optax.adam(ctx.section.lr),
-      radius_units=ctx.section.get("radius_units", "absolute"))
+    ctx.heldout_loss,
+    ctx.finetuned,
+    ctx.pretrained,
+    ctx.heldout_batches(ctx.section.steps),
+    norm=ctx.section.norm,
+    mask=ctx.constrained,
+    optimizer=optax.adam(ctx.section.lr),
+    radius_units=ctx.section.get("radius_units", "absolute"),
+  )
   return PostHocResult({ctx.name: params}, radii)
 
 
@@ -145,35 +159,63 @@ def _radii(opt_state) -> PyTree:
 
 
 def _tpgm(ctx: Context) -> optax.GradientTransformation:
-  return optax.chain(ctx.inner, tpgm_jax.trainable_projection(
-      ctx.heldout_loss, norm=ctx.section.norm, mask=ctx.constrained, max_iters=ctx.section.max_iters,
+  return optax.chain(
+    ctx.inner,
+    tpgm_jax.trainable_projection(
+      ctx.heldout_loss,
+      norm=ctx.section.norm,
+      mask=ctx.constrained,
+      max_iters=ctx.section.max_iters,
       radius_optimizer=optax.adam(ctx.section.lr),
-      radius_units=ctx.section.get("radius_units", "absolute")))
+      radius_units=ctx.section.get("radius_units", "absolute"),
+    ),
+  )
 
 
 def _mars_pgm(ctx: Context) -> optax.GradientTransformation:
-  return optax.chain(ctx.inner, tpgm_jax.tpgm(norm=ctx.section.norm, mask=ctx.constrained,
-                                              radii=ctx.section.radius))
+  return optax.chain(
+    ctx.inner, tpgm_jax.tpgm(norm=ctx.section.norm, mask=ctx.constrained, radii=ctx.section.radius)
+  )
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (
+METHODS: dict[str, Method] = {
+  m.name: m
+  for m in (
     Method("ft", transform=lambda ctx: ctx.inner),
     Method("lp", transform=lambda ctx: ctx.inner),
     Method("lp_ft", transform=lambda ctx: ctx.inner),
-    Method("l2sp", transform=lambda ctx: optax.chain(
-        tpgm_jax.l2sp(ctx.section.alpha, ctx.section.beta, mask=ctx.constrained), ctx.inner)),
-    Method("ftp", transform=lambda ctx: tpgm_jax.ftp(ctx.inner, k=ctx.section.k,
-                                                     mask=ctx.constrained)),
-    Method("spd", transform=lambda ctx: tpgm_jax.spd(
-        ctx.inner, weight_decay=ctx.section.weight_decay, mask=ctx.constrained)),
-    Method("digrap", transform=lambda ctx: optax.chain(
-        tpgm_jax.digrap(strength_lr=ctx.section.strength_lr, mask=ctx.constrained), ctx.inner)),
+    Method(
+      "l2sp",
+      transform=lambda ctx: optax.chain(
+        tpgm_jax.l2sp(ctx.section.alpha, ctx.section.beta, mask=ctx.constrained), ctx.inner
+      ),
+    ),
+    Method(
+      "ftp", transform=lambda ctx: tpgm_jax.ftp(ctx.inner, k=ctx.section.k, mask=ctx.constrained)
+    ),
+    Method(
+      "spd",
+      transform=lambda ctx: tpgm_jax.spd(
+        ctx.inner, weight_decay=ctx.section.weight_decay, mask=ctx.constrained
+      ),
+    ),
+    Method(
+      "digrap",
+      transform=lambda ctx: optax.chain(
+        tpgm_jax.digrap(strength_lr=ctx.section.strength_lr, mask=ctx.constrained), ctx.inner
+      ),
+    ),
     Method("mars_pgm", transform=_mars_pgm),
-    Method("tpgm", heldout=lambda section: (section.proj_freq, section.max_iters), radii=_radii,
-           transform=_tpgm),
+    Method(
+      "tpgm",
+      heldout=lambda section: (section.proj_freq, section.max_iters),
+      radii=_radii,
+      transform=_tpgm,
+    ),
     Method("wise_ft", post_hoc=_wise_ft),
     Method("tpgm_post_hoc", post_hoc=_tpgm_post_hoc),
-)}
+  )
+}
 
 
 def get(name: str, config: ConfigDict | None = None) -> Method:
@@ -187,10 +229,13 @@ def get(name: str, config: ConfigDict | None = None) -> Method:
   section = config.get(name) if config is not None else None
   if name not in METHODS and section is not None and "method" in section:
     if section.method not in METHODS:
-      raise ValueError(f"config.{name}.method={section.method!r} is not a method; known: "
-                       f"{', '.join(METHODS)}")
+      raise ValueError(
+        f"config.{name}.method={section.method!r} is not a method; known: {', '.join(METHODS)}"
+      )
     return dataclasses.replace(METHODS[section.method], name=name)
   if name not in METHODS:
-    raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)} (or a config "
-                     "section with a `method` field)")
+    raise ValueError(
+      f"unknown method {name!r}; known: {', '.join(METHODS)} (or a config "
+      "section with a `method` field)"
+    )
   return METHODS[name]

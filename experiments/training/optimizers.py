@@ -57,11 +57,14 @@ def param_groups(params: PyTree, rules: Rules) -> dict[str, str]:
   if unmatched:
     problems.append(f"parameters matched by no rule: {weights.listing(unmatched)}")
   if unused:
-    problems.append(f"rules matching no parameter (misspelt or shadowed by an earlier "
-                    f"rule): {unused}")
+    problems.append(
+      f"rules matching no parameter (misspelt or shadowed by an earlier rule): {unused}"
+    )
   if problems:
-    raise ValueError(f"param_groups {tuple(map(tuple, rules))} do not cover the model "
-                     "exactly:\n  " + "\n  ".join(problems))
+    raise ValueError(
+      f"param_groups {tuple(map(tuple, rules))} do not cover the model "
+      "exactly:\n  " + "\n  ".join(problems)
+    )
   return groups
 
 
@@ -74,14 +77,16 @@ def group_mask(params: PyTree, rules: Rules, selected: Sequence[str]) -> PyTree:
   groups = param_groups(params, rules)
   unknown = sorted(set(selected) - {g for _, g in rules})
   if unknown:
-    raise ValueError(f"unknown parameter group(s) {unknown}; the rules define "
-                     f"{sorted({g for _, g in rules})}")
+    raise ValueError(
+      f"unknown parameter group(s) {unknown}; the rules define {sorted({g for _, g in rules})}"
+    )
   chosen = {path for path, g in groups.items() if g in set(selected)}
   return tpgm_jax.path_mask(include=lambda path: path in chosen)(params)
 
 
-def freeze(tx: optax.GradientTransformation, params: PyTree, rules: Rules,
-           frozen: Sequence[str]) -> optax.GradientTransformation:
+def freeze(
+  tx: optax.GradientTransformation, params: PyTree, rules: Rules, frozen: Sequence[str]
+) -> optax.GradientTransformation:
   """``tx`` on the trained parameters and zero updates (no state) on the ``frozen`` groups."""
   if not frozen:
     return tx
@@ -90,14 +95,17 @@ def freeze(tx: optax.GradientTransformation, params: PyTree, rules: Rules,
 
 
 def schedule(settings: ConfigDict, steps: int) -> optax.Schedule:
-  """Learning-rate schedule: ``settings.schedule`` in {"cosine", "constant"} after ``settings.warmup_steps``."""
+  """Learning-rate schedule: ``settings.schedule`` ("cosine" or "constant") after
+  ``settings.warmup_steps`` of linear warm-up."""
   warmup = int(settings.get("warmup_steps", 0))
   if settings.schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(0.0, settings.lr, warmup, max(steps, warmup + 1))
   if settings.schedule == "constant":
     if warmup:
       return optax.join_schedules(
-          [optax.linear_schedule(0.0, settings.lr, warmup), optax.constant_schedule(settings.lr)], [warmup])
+        [optax.linear_schedule(0.0, settings.lr, warmup), optax.constant_schedule(settings.lr)],
+        [warmup],
+      )
     return optax.constant_schedule(settings.lr)
   raise ValueError(f"unknown schedule {settings.schedule!r}; use 'cosine' or 'constant'")
 
@@ -111,7 +119,9 @@ def optimizer(settings: ConfigDict, steps: int) -> optax.GradientTransformation:
   lr = schedule(settings, steps)
   wd = float(settings.get("weight_decay", 0.0))
   if settings.name == "sgd":
-    sgd = optax.sgd(lr, momentum=settings.get("momentum") or None, nesterov=bool(settings.get("nesterov")))
+    sgd = optax.sgd(
+      lr, momentum=settings.get("momentum") or None, nesterov=bool(settings.get("nesterov"))
+    )
     return optax.chain(optax.add_decayed_weights(wd), sgd) if wd else sgd
   if settings.name == "adam":
     if wd:

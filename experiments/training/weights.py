@@ -37,11 +37,11 @@ import tpgm_jax
 from experiments.types import PyTree
 
 __all__ = [
-    "CheckpointError",
-    "CheckpointExistsError",
-    "load_pretrained",
-    "param_paths",
-    "save_params",
+  "CheckpointError",
+  "CheckpointExistsError",
+  "load_pretrained",
+  "param_paths",
+  "save_params",
 ]
 
 
@@ -107,8 +107,8 @@ def save_params(path: str | os.PathLike[str], params: PyTree) -> None:
   directory = _absolute(path)
   if directory.exists():
     raise CheckpointExistsError(
-        f"refusing to overwrite {directory}: it already exists (choose a new path "
-        "or delete it first)")
+      f"refusing to overwrite {directory}: it already exists (choose a new path or delete it first)"
+    )
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(directory, params)
 
@@ -125,42 +125,55 @@ def _read_metadata(directory: epath.Path) -> Any:
     inner = sorted(d.name for d in directory.iterdir() if (d / "_METADATA").exists())
     hint = f"; it holds the checkpoint item(s) {inner}: pass one of them" if inner else ""
     raise CheckpointError(
-        f"{directory} is not an orbax PyTree checkpoint (no _METADATA file){hint}")
+      f"{directory} is not an orbax PyTree checkpoint (no _METADATA file){hint}"
+    )
   try:
     with ocp.StandardCheckpointer() as checkpointer:
       return checkpointer.metadata(directory).item_metadata.tree
   except Exception as e:  # orbax/tensorstore raise many types for corrupt files
     raise CheckpointError(
-        f"cannot read the checkpoint metadata in {directory} (corrupt or partial "
-        f"checkpoint?): {type(e).__name__}: {e}") from e
+      f"cannot read the checkpoint metadata in {directory} (corrupt or partial "
+      f"checkpoint?): {type(e).__name__}: {e}"
+    ) from e
 
 
-def _check_compatible(init: dict[str, Any], ckpt: dict[str, Any], loaded: list[str],
-                      skipped_ckpt: set[str], directory: epath.Path) -> None:
+def _check_compatible(
+  init: dict[str, Any],
+  ckpt: dict[str, Any],
+  loaded: list[str],
+  skipped_ckpt: set[str],
+  directory: epath.Path,
+) -> None:
   missing = [p for p in loaded if p not in ckpt]
   unexpected = [p for p in ckpt if p not in init and p not in skipped_ckpt]
   mismatched = [
-      f"{p}: checkpoint {tuple(ckpt[p].shape)} vs model {tuple(np.shape(init[p]))}"
-      for p in loaded if p in ckpt and tuple(ckpt[p].shape) != tuple(np.shape(init[p]))
+    f"{p}: checkpoint {tuple(ckpt[p].shape)} vs model {tuple(np.shape(init[p]))}"
+    for p in loaded
+    if p in ckpt and tuple(ckpt[p].shape) != tuple(np.shape(init[p]))
   ]
   problems = []
   if mismatched:
-    problems.append(f"shape mismatch for {len(mismatched)} parameter(s): "
-                    + listing(mismatched))
+    problems.append(f"shape mismatch for {len(mismatched)} parameter(s): " + listing(mismatched))
   if missing:
-    problems.append(f"{len(missing)} parameter(s) of the model missing from the checkpoint: "
-                    + listing(missing))
+    problems.append(
+      f"{len(missing)} parameter(s) of the model missing from the checkpoint: " + listing(missing)
+    )
   if unexpected:
-    problems.append(f"{len(unexpected)} checkpoint parameter(s) not used by the model: "
-                    + listing(unexpected))
+    problems.append(
+      f"{len(unexpected)} checkpoint parameter(s) not used by the model: " + listing(unexpected)
+    )
   if problems:
     raise ValueError(
-        f"checkpoint {directory} does not fit the model (add patterns to dont_load to keep "
-        "parameters at their init values):\n  " + "\n  ".join(problems))
+      f"checkpoint {directory} does not fit the model (add patterns to dont_load to keep "
+      "parameters at their init values):\n  " + "\n  ".join(problems)
+    )
 
 
-def load_pretrained(path: str | os.PathLike[str], init_params: PyTree,
-                    dont_load: str | Sequence[str] = DEFAULT_DONT_LOAD) -> PyTree:
+def load_pretrained(
+  path: str | os.PathLike[str],
+  init_params: PyTree,
+  dont_load: str | Sequence[str] = DEFAULT_DONT_LOAD,
+) -> PyTree:
   """The pre-trained parameters at ``path`` merged into ``init_params``.
 
   A leaf whose path (:func:`param_paths`) matches one of the ``dont_load``
@@ -212,16 +225,28 @@ def load_pretrained(path: str | os.PathLike[str], init_params: PyTree,
   item = ocp.tree.from_flat_dict({keys[p]: init[p] for p in loaded})
   try:
     with ocp.PyTreeCheckpointer() as checkpointer:
-      restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
-          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-          partial_restore=True))
+      restored = checkpointer.restore(
+        directory,
+        args=ocp.args.PyTreeRestore(
+          item=item,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True,
+        ),
+      )
   except Exception as e:  # orbax/tensorstore raise many types for corrupt files
     raise CheckpointError(
-        f"cannot read the arrays of the checkpoint {directory} (corrupt or partial "
-        f"checkpoint?): {type(e).__name__}: {e}") from e
+      f"cannot read the arrays of the checkpoint {directory} (corrupt or partial "
+      f"checkpoint?): {type(e).__name__}: {e}"
+    ) from e
 
   values = {"/".join(map(str, k)): v for k, v in ocp.tree.to_flat_dict(restored).items()}
-  logging.info("loaded %d of %d parameter tensors from %s; kept %d at init",
-               len(loaded), len(init_paths), directory, len(init_paths) - len(loaded))
+  logging.info(
+    "loaded %d of %d parameter tensors from %s; kept %d at init",
+    len(loaded),
+    len(init_paths),
+    directory,
+    len(init_paths) - len(loaded),
+  )
   return jax.tree_util.tree_unflatten(
-      init_def, [values[p] if p in wanted else init[p] for p in init_paths])
+    init_def, [values[p] if p in wanted else init[p] for p in init_paths]
+  )

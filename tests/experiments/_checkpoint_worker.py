@@ -1,11 +1,11 @@
 """Subprocess for test_checkpointing: a save killed half-way, a loop stopped by SIGTERM.
 
-  python tests/experiments/_checkpoint_worker.py kill_mid_save DIR
-      saves step 1, starts saving a larger step 2 and SIGKILLs itself.
-  python tests/experiments/_checkpoint_worker.py train_until_sigterm DIR
-      runs a toy loop under a PreemptionGuard, saving every 1000 steps; prints
-      "step N" lines; on SIGTERM saves the current step, prints "stopped N"
-      and exits with status 0.
+python tests/experiments/_checkpoint_worker.py kill_mid_save DIR
+    saves step 1, starts saving a larger step 2 and SIGKILLs itself.
+python tests/experiments/_checkpoint_worker.py train_until_sigterm DIR
+    runs a toy loop under a PreemptionGuard, saving every 1000 steps; prints
+    "step N" lines; on SIGTERM saves the current step, prints "stopped N"
+    and exits with status 0.
 """
 
 import os
@@ -33,7 +33,7 @@ def kill_mid_save(directory):
   big = np.random.default_rng(0).standard_normal((8, 2**20), dtype=np.float32)  # 32 MiB
   state = small_state(2)
   state["w"] = jnp.asarray(big)
-  ckpt.save(2, state)          # returns once the background write has started
+  ckpt.save(2, state)  # returns once the background write has started
   os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -56,4 +56,5 @@ def train_until_sigterm(directory):
 
 if __name__ == "__main__":
   {"kill_mid_save": kill_mid_save, "train_until_sigterm": train_until_sigterm}[sys.argv[1]](
-      sys.argv[2])
+    sys.argv[2]
+  )

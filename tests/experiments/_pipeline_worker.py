@@ -18,8 +18,9 @@ from experiments.data.options import InputOptions  # noqa: E402
 
 
 def main(data_dir):
-  task = tasks.get_task("domainnet", ood_domains=("sketch",), heldout_size=5, val_size=5,
-                           image_size=16)
+  task = tasks.get_task(
+    "domainnet", ood_domains=("sketch",), heldout_size=5, val_size=5, image_size=16
+  )
   options = InputOptions(random_resized_crop=True, num_workers=2)
   it = pipeline.train_iterator(task, batch_size=4, seed=0, data_dir=data_dir, options=options)
   next(it)

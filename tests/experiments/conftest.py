@@ -1,4 +1,5 @@
-"""Shared fixtures of the pipeline tests: the tiny data set and pre-trained checkpoint, built once."""
+"""Shared fixtures of the experiments tests: the tiny data set and pre-trained checkpoint, built
+once."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import jax
 import pytest
 
 from experiments import environment
-from experiments.plan import make_plan
 from experiments.configs import tiny
+from experiments.plan import make_plan
 
 
 @pytest.fixture(scope="session")

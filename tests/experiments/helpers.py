@@ -19,8 +19,9 @@ def env_for(config, mesh, workdir="unused"):
   pre-training): enough to build train steps."""
   resolved = plan.make_plan(config, os.fspath(workdir))
   task = plan.get_task(config)
-  return environment.Environment(resolved, task, environment.model_for(config, task), mesh,
-                                 progress=False)
+  return environment.Environment(
+    resolved, task, environment.model_for(config, task), mesh, progress=False
+  )
 
 
 def build_step(config, name, mesh, **replace):

@@ -25,8 +25,11 @@ def _kernel(name):
 
   def cubic(x, a=-0.5):
     x = np.abs(x)
-    return np.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
-                    np.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0))
+    return np.where(
+      x < 1,
+      ((a + 2) * x - (a + 3)) * x * x + 1,
+      np.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0),
+    )
 
   return cubic, 2.0
 
@@ -58,9 +61,14 @@ def smooth_image(h, w, seed=0):
   """A smooth random RGB image (resampling errors stay at the rounding level)."""
   rng = np.random.default_rng(seed)
   yy, xx = np.mgrid[:h, :w] / max(h, w)
-  channels = [sum(rng.uniform(-1, 1) * np.sin(2 * np.pi * (rng.uniform(0, 4) * yy +
-                                                          rng.uniform(0, 4) * xx + rng.uniform()))
-                  for _ in range(3)) for _ in range(3)]
+  channels = [
+    sum(
+      rng.uniform(-1, 1)
+      * np.sin(2 * np.pi * (rng.uniform(0, 4) * yy + rng.uniform(0, 4) * xx + rng.uniform()))
+      for _ in range(3)
+    )
+    for _ in range(3)
+  ]
   return np.clip(128 + 40 * np.stack(channels, -1), 0, 255).astype(np.uint8)
 
 
@@ -70,13 +78,20 @@ def test_crop_boxes_within_bounds_scale_and_ratio(width, height, scale, ratio):
   rng = np.random.default_rng(0)
   boxes = np.array([augment.crop_box(rng, width, height, scale, ratio) for _ in range(2000)])
   left, top, right, bottom = boxes.T
-  assert (left >= 0).all() and (top >= 0).all() and (right <= width).all() and (bottom <= height).all()
+  assert (
+    (left >= 0).all() and (top >= 0).all() and (right <= width).all() and (bottom <= height).all()
+  )
   w, h = right - left, bottom - top
   assert (w > 0).all() and (h > 0).all()
   # The fallback after 10 failed draws: the largest central box, ratio clamped to the range.
   aspect = min(max(width / height, ratio[0]), ratio[1])
   fw, fh = min(width, round(height * aspect)), min(height, round(width / aspect))
-  fallback = ((width - fw) // 2, (height - fh) // 2, (width - fw) // 2 + fw, (height - fh) // 2 + fh)
+  fallback = (
+    (width - fw) // 2,
+    (height - fh) // 2,
+    (width - fw) // 2 + fw,
+    (height - fh) // 2 + fh,
+  )
   drawn = ~(boxes == fallback).all(1)
   # Successful draws: area and ratio in range up to the rounding of the sides (+-0.5 px).
   fraction = (w * h / (width * height))[drawn]
@@ -133,28 +148,35 @@ def test_flip_is_an_exact_mirror():
   flipped = augment.resized_crop(image, (30, 40, 250, 300), 64, flip=True)
   np.testing.assert_array_equal(flipped, plain[:, ::-1])
   x = smooth_image(8, 8)
-  outs = [augment.RandomFlip().random_map({"image": x, "label": 3}, np.random.default_rng(i))
-          for i in range(400)]
+  outs = [
+    augment.RandomFlip().random_map({"image": x, "label": 3}, np.random.default_rng(i))
+    for i in range(400)
+  ]
   mirrored = [np.array_equal(o["image"], x[:, ::-1]) for o in outs]
   assert all(m or np.array_equal(o["image"], x) for m, o in zip(mirrored, outs))
   assert 0.4 < np.mean(mirrored) < 0.6 and all(o["label"] == 3 for o in outs)
 
 
 @pytest.mark.parametrize("kernel", ["bilinear", "bicubic"])
-@pytest.mark.parametrize("height, width, size, fraction, new", [
+@pytest.mark.parametrize(
+  "height, width, size, fraction, new",
+  [
     (350, 400, 224, 0.875, (256, 292)),  # resize the shorter side to 256, central 224
     (400, 350, 224, 0.875, (292, 256)),
     (120, 90, 32, 1.0, (42, 32)),
-    (32, 32, 32, 1.0, (32, 32)),          # the built-in benchmark: the identity
-])
+    (32, 32, 32, 1.0, (32, 32)),  # the built-in benchmark: the identity
+  ],
+)
 def test_resize_center_crop_matches_numpy(kernel, height, width, size, fraction, new):
   image = smooth_image(height, width, seed=3)
   got = augment.resize_center_crop(Image.fromarray(image), size, fraction, kernel)
-  assert new == (round(size / fraction) if height <= width else int(round(size / fraction) * height / width),
-                 round(size / fraction) if width <= height else int(round(size / fraction) * width / height))
+  assert new == (
+    round(size / fraction) if height <= width else int(round(size / fraction) * height / width),
+    round(size / fraction) if width <= height else int(round(size / fraction) * width / height),
+  )
   resized = image if new == (height, width) else oracle_resize(image, new[1], new[0], kernel)
   top, left = round((new[0] - size) / 2), round((new[1] - size) / 2)
-  want = resized[top:top + size, left:left + size]
+  want = resized[top : top + size, left : left + size]
   assert got.shape == (size, size, 3)
   assert np.abs(got.astype(int) - want).max() <= 1
   if new == (height, width):
@@ -192,8 +214,10 @@ def test_transforms_take_encoded_examples():
   rng = np.random.default_rng(0)
   box = augment.crop_box(rng, 400, 350)
   np.testing.assert_array_equal(
-      out["image"], augment.resized_crop(Image.fromarray(image), box, 224, flip=rng.random() < 0.5))
+    out["image"], augment.resized_crop(Image.fromarray(image), box, 224, flip=rng.random() < 0.5)
+  )
   evaluated = augment.ResizeCenterCrop(224).map(example)
-  np.testing.assert_array_equal(evaluated["image"],
-                                augment.resize_center_crop(Image.fromarray(image), 224))
+  np.testing.assert_array_equal(
+    evaluated["image"], augment.resize_center_crop(Image.fromarray(image), 224)
+  )
   assert math.isclose(float(augment.WithMask(False).map(evaluated)["mask"]), 0.0)

@@ -1,4 +1,5 @@
-"""Train-state checkpoints: exact resume, resharding, damaged and unfinished checkpoints, signals."""
+"""Train-state checkpoints: exact resume, resharding, damaged and unfinished checkpoints,
+signals."""
 
 import gc
 import glob
@@ -13,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import tpgm_jax
-from experiments.training.checkpointing import CheckpointError, Checkpointer, PreemptionGuard
+from experiments.training.checkpointing import Checkpointer, CheckpointError, PreemptionGuard
 
 needs_8_devices = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
 WORKER = os.path.join(os.path.dirname(__file__), "_checkpoint_worker.py")
@@ -25,29 +27,38 @@ WORKER = os.path.join(os.path.dirname(__file__), "_checkpoint_worker.py")
 def train_state(seed=0):
   """A train state like the loop's: Flax-like params, a TPGM optimizer state, counters."""
   rng = np.random.default_rng(seed)
-  params = {"params": {
-      "block1": {"kernel": jnp.asarray(rng.normal(size=(8, 16)), jnp.float32),
-                 "scale": jnp.asarray(rng.normal(size=(16,)), jnp.bfloat16)},
-      "head": {"kernel": jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)}}}
+  params = {
+    "params": {
+      "block1": {
+        "kernel": jnp.asarray(rng.normal(size=(8, 16)), jnp.float32),
+        "scale": jnp.asarray(rng.normal(size=(16,)), jnp.bfloat16),
+      },
+      "head": {"kernel": jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)},
+    }
+  }
   tx = optax.chain(optax.adamw(1e-3), tpgm_jax.tpgm(mask=tpgm_jax.path_mask(exclude=".*head.*")))
   opt_state = tx.init(params)
   opt_state = jax.tree.map(lambda x: x + 1 if x.dtype != jnp.int32 else x + seed, opt_state)
   return {
-      "params": params,
-      "opt_state": opt_state,               # tuples, NamedTuples, EmptyState, MaskedNode
-      "radii": {"block1": jnp.float32(0.5 + seed)},
-      "radii_opt_state": None,
-      "step": np.int32(7 + seed),
-      "rng": jax.random.key_data(jax.random.key(seed)),
-      "data_step": np.int32(3),
-      "epoch": 2,
+    "params": params,
+    "opt_state": opt_state,  # tuples, NamedTuples, EmptyState, MaskedNode
+    "radii": {"block1": jnp.float32(0.5 + seed)},
+    "radii_opt_state": None,
+    "step": np.int32(7 + seed),
+    "rng": jax.random.key_data(jax.random.key(seed)),
+    "data_step": np.int32(3),
+    "epoch": 2,
   }
 
 
 def abstract(tree):
   """jax.Array leaves as ShapeDtypeStructs with their sharding; other leaves as they are."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-                      if isinstance(x, jax.Array) else x, tree)
+  return jax.tree.map(
+    lambda x: (
+      jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) if isinstance(x, jax.Array) else x
+    ),
+    tree,
+  )
 
 
 def assert_exact(actual, expected):
@@ -78,16 +89,14 @@ def test_round_trip_is_exact(tmp_path, target_kind):
     assert ckpt.restore_metadata() == {"config_hash": "abc", "lr": 0.1}
   assert_exact(restored, state)
   assert isinstance(restored["opt_state"][1], tpgm_jax.TPGMState)
-  assert isinstance(restored["opt_state"][1].anchor["params"]["head"]["kernel"],
-                    optax.MaskedNode)
+  assert isinstance(restored["opt_state"][1].anchor["params"]["head"]["kernel"], optax.MaskedNode)
   assert isinstance(restored["step"], np.int32) and type(restored["epoch"]) is int
 
 
 @needs_8_devices
 @pytest.mark.parametrize("save_on, restore_on", [(8, 1), (1, 8)])
 def test_restore_onto_other_shardings(tmp_path, save_on, restore_on):
-  mesh = jax.make_mesh((4, 2), ("data", "model"),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
   def place(tree, n):
@@ -96,6 +105,7 @@ def test_restore_onto_other_shardings(tmp_path, save_on, restore_on):
         return x
       spec = P("data", "model") if x.ndim == 2 else P()
       return jax.device_put(x, NamedSharding(mesh, spec) if n == 8 else single)
+
     return jax.tree.map(put, tree)
 
   state = place(train_state(seed=2), save_on)
@@ -150,8 +160,10 @@ def test_damaged_step_is_reported_and_kept(tmp_path, broken):
   os.remove(tmp_path / "3" / broken)
   with Checkpointer(tmp_path, max_to_keep=2, save_interval_steps=1) as ckpt:
     assert ckpt.manager.latest_step() == 3
-    message = (rf"step 3 at \S*{tmp_path.name}/3 \(damaged .*previous checkpoint is step 2: "
-               rf"move \S*{tmp_path.name}/3 away")
+    message = (
+      rf"step 3 at \S*{tmp_path.name}/3 \(damaged .*previous checkpoint is step 2: "
+      rf"move \S*{tmp_path.name}/3 away"
+    )
     with pytest.raises(CheckpointError, match=message):
       ckpt.restore(train_state(0))
     with pytest.raises(CheckpointError, match=message):
@@ -162,7 +174,7 @@ def test_damaged_step_is_reported_and_kept(tmp_path, broken):
     assert_exact(ckpt.restore(train_state(0), step=2), train_state(2))
     assert ckpt.restore_metadata(2) == {"step": 2}
     assert not ckpt.manager.should_save(3)
-    assert not ckpt.save(3, train_state(3), force=True)   # kept as it is
+    assert not ckpt.save(3, train_state(3), force=True)  # kept as it is
   assert sorted(os.listdir(tmp_path)) == ["2", "3"]
   # Moved away, the previous step is the latest again.
   os.rename(tmp_path / "3", tmp_path.parent / f"{tmp_path.name}-bad-3")
@@ -187,8 +199,11 @@ def test_a_stray_step_name_is_never_overwritten(tmp_path, kind):
       with pytest.raises(CheckpointError, match="cannot save step 2: .* left untouched"):
         ckpt.save(2, train_state(2), force=True)
   assert sorted(os.listdir(tmp_path)) == ["1", "2"]
-  assert (os.listdir(tmp_path / "2") == [] if kind == "directory"
-          else (tmp_path / "2").read_text() == "notes")
+  assert (
+    os.listdir(tmp_path / "2") == []
+    if kind == "directory"
+    else (tmp_path / "2").read_text() == "notes"
+  )
 
 
 def test_unfinished_save_directory_is_ignored(tmp_path):
@@ -205,7 +220,7 @@ def test_unfinished_save_directory_is_ignored(tmp_path):
 
 def test_read_only_leaves_unfinished_saves_alone(tmp_path):
   save_steps(tmp_path, [1])
-  unfinished = tmp_path / "2.orbax-checkpoint-tmp-1234567"   # say, another job's save
+  unfinished = tmp_path / "2.orbax-checkpoint-tmp-1234567"  # say, another job's save
   shutil.copytree(tmp_path / "1", unfinished)
   with Checkpointer(tmp_path, read_only=True) as ckpt:
     assert ckpt.manager.latest_step() == 1
@@ -234,12 +249,15 @@ def test_unreadable_latest_step_is_an_error_naming_it(tmp_path, truncated):
   with open(data, "r+b") as f:
     f.truncate(os.path.getsize(data) // 2)
   with Checkpointer(tmp_path) as ckpt:
-    assert ckpt.manager.latest_step() == 2   # finalised: only reading the data tells
-    with pytest.raises(CheckpointError, match=rf"{tmp_path.name}/2.*previous "
-                       rf"checkpoint is step 1: move \S*{tmp_path.name}/2 away"):
+    assert ckpt.manager.latest_step() == 2  # finalised: only reading the data tells
+    with pytest.raises(
+      CheckpointError,
+      match=rf"{tmp_path.name}/2.*previous "
+      rf"checkpoint is step 1: move \S*{tmp_path.name}/2 away",
+    ):
       ckpt.restore(state(0))
     assert_exact(ckpt.restore(state(0), step=1), state(1))
-  gc.collect()   # report the leftover callback here, where it is ignored
+  gc.collect()  # report the leftover callback here, where it is ignored
 
 
 def test_target_mismatch_is_named(tmp_path):
@@ -266,8 +284,13 @@ def test_typed_keys_are_rejected(tmp_path):
 
 
 def run_worker(mode, directory, **kwargs):
-  return subprocess.Popen([sys.executable, WORKER, mode, str(directory)],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+  return subprocess.Popen(
+    [sys.executable, WORKER, mode, str(directory)],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    **kwargs,
+  )
 
 
 def test_killed_save_leaves_previous_checkpoint(tmp_path):
@@ -307,8 +330,8 @@ def test_guard_flags_signals_and_restores_handlers():
     assert not guard.requested and not guard.should_stop(1)
     os.kill(os.getpid(), signal.SIGTERM)
     assert guard.requested
-    assert guard.should_stop(2)     # one process: at once
-    os.kill(os.getpid(), signal.SIGTERM)   # repeated SIGTERMs only set the flag
+    assert guard.should_stop(2)  # one process: at once
+    os.kill(os.getpid(), signal.SIGTERM)  # repeated SIGTERMs only set the flag
     with pytest.raises(KeyboardInterrupt):
       os.kill(os.getpid(), signal.SIGINT)  # a second interrupt gets out
   assert signal.getsignal(signal.SIGTERM) is previous

@@ -1,4 +1,5 @@
-"""Tests of experiments/data: the multidomain_shapes TFDS dataset (the input pipeline: test_pipeline)."""
+"""Tests of experiments/data: the multidomain_shapes TFDS dataset (the input pipeline:
+test_pipeline)."""
 
 from __future__ import annotations
 
@@ -60,8 +61,16 @@ def test_transfer_layout_pretrains_on_other_classes(tmp_path):
   config = shapes.CONFIGS["tiny_transfer"]
   builder = shapes.prepare("tiny_transfer", os.fspath(tmp_path))
   arrays = _all_arrays(builder)
-  assert set(arrays) == {"pretrain", "real_train", "real_heldout", "real_val", "real_test",
-                         "sketch_test", "painting_test", "clipart_test"}
+  assert set(arrays) == {
+    "pretrain",
+    "real_train",
+    "real_heldout",
+    "real_val",
+    "real_test",
+    "sketch_test",
+    "painting_test",
+    "clipart_test",
+  }
   assert {k: len(v["label"]) for k, v in arrays.items()} == config.split_sizes()
   assert set(arrays["pretrain"]["label"]) == set(render.PRETRAIN_CLASSES)
   for name, arr in arrays.items():
@@ -77,8 +86,10 @@ def test_transfer_layout_pretrains_on_other_classes(tmp_path):
 
 
 def test_every_shape_class_is_drawn_and_distinct():
-  masks = [np.asarray(fn(*np.meshgrid(np.linspace(-1, 1, 64), np.linspace(1, -1, 64))))
-           for fn in render.SHAPE_FNS]
+  masks = [
+    np.asarray(fn(*np.meshgrid(np.linspace(-1, 1, 64), np.linspace(1, -1, 64))))
+    for fn in render.SHAPE_FNS
+  ]
   assert len(masks) == render.NUM_CLASSES == len(render.CLASS_NAMES)
   for name, m in zip(render.CLASS_NAMES, masks):
     assert 0.05 < m.mean() < 0.9, name  # a shape, not empty or full
@@ -88,7 +99,9 @@ def test_every_shape_class_is_drawn_and_distinct():
 
 
 def test_tfds_data_source_reads_prepared(tiny_dir):
-  source = tfds.data_source(f"{shapes.NAME}/tiny", split="real_test", data_dir=tiny_dir, download=False)
+  source = tfds.data_source(
+    f"{shapes.NAME}/tiny", split="real_test", data_dir=tiny_dir, download=False
+  )
   assert len(source) == TINY.test
   assert source[3]["image"].shape == (32, 32, 3)
 
@@ -145,7 +158,10 @@ def _mask_profile(x):
   area = m.sum((1, 2)) + 1e-6
   yy, xx = np.mgrid[:32, :32]
   cy, cx = (m * yy).sum((1, 2)) / area, (m * xx).sum((1, 2)) / area
-  r = np.hypot(yy[None] - cy[:, None, None], xx[None] - cx[:, None, None]) / np.sqrt(area)[:, None, None]
+  r = (
+    np.hypot(yy[None] - cy[:, None, None], xx[None] - cx[:, None, None])
+    / np.sqrt(area)[:, None, None]
+  )
   bins = np.clip((r * 8).astype(int), 0, 11)
   return np.stack([(m * (bins == k)).sum((1, 2)) for k in range(12)], axis=1) / area[:, None]
 

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import tpgm_jax
 from experiments import models
@@ -34,12 +35,15 @@ def test_initialize_is_a_no_op_for_one_process(monkeypatch):
 
 
 @needs_8_devices
-@pytest.mark.parametrize("shape, axes", [
+@pytest.mark.parametrize(
+  "shape, axes",
+  [
     (None, {"data": 8}),
     ({"data": -1, "model": 2}, {"data": 4, "model": 2}),
     ({"replica": 2, "data": -1}, {"replica": 2, "data": 4}),
     ({"data": 2, "model": 4}, {"data": 2, "model": 4}),
-])
+  ],
+)
 def test_make_mesh(shape, axes):
   mesh = distributed.make_mesh(shape)
   assert dict(mesh.shape) == axes and list(mesh.shape) == list(axes)
@@ -48,31 +52,37 @@ def test_make_mesh(shape, axes):
 
 
 @needs_8_devices
-@pytest.mark.parametrize("shape, match", [
+@pytest.mark.parametrize(
+  "shape, match",
+  [
     ({"data": 3}, "needs 3 devices; there are 8"),
     ({"data": -1, "model": 3}, "not divisible by 3"),
     ({"data": -1, "model": -1}, "at most one -1"),
     ({"data": 0}, "positive sizes"),
-])
+  ],
+)
 def test_make_mesh_errors(shape, match):
   with pytest.raises(ValueError, match=match):
     distributed.make_mesh(shape)
 
 
 @needs_8_devices
-@pytest.mark.parametrize("shape, mesh_shape, expected", [
+@pytest.mark.parametrize(
+  "shape, mesh_shape, expected",
+  [
     ((128, 256), {"data": 4, "model": 2}, P("data", "model")),
     ((3, 3, 64, 128), {"data": 4, "model": 2}, P(None, None, "data", "model")),
-    ((256, 129), {"data": 4, "model": 2}, P("data", None)),       # 129 % 2 != 0: no TP
-    ((130, 256), {"data": 4, "model": 2}, P(None, "model")),      # 130 % 4 != 0: no FSDP
-    ((128, 256), {"data": 8}, P(None, "data")),                   # no model axis
-    ((256, 256), {"data": 8}, P("data", None)),                   # ties: the first axis
-    ((128, 256), {"data": 1, "model": 8}, P(None, "model")),      # size-1 FSDP axis
+    ((256, 129), {"data": 4, "model": 2}, P("data", None)),  # 129 % 2 != 0: no TP
+    ((130, 256), {"data": 4, "model": 2}, P(None, "model")),  # 130 % 4 != 0: no FSDP
+    ((128, 256), {"data": 8}, P(None, "data")),  # no model axis
+    ((256, 256), {"data": 8}, P("data", None)),  # ties: the first axis
+    ((128, 256), {"data": 1, "model": 8}, P(None, "model")),  # size-1 FSDP axis
     ((8, 130, 96), {"data": 4, "model": 2}, P("data", None, "model")),  # 130 % 4: next largest
-    ((64, 64), {"data": 4, "model": 2}, P()),                     # < min_size elements
-    ((2**16,), {"data": 4, "model": 2}, P()),                     # 1-D
+    ((64, 64), {"data": 4, "model": 2}, P()),  # < min_size elements
+    ((2**16,), {"data": 4, "model": 2}, P()),  # 1-D
     ((), {"data": 4, "model": 2}, P()),
-])
+  ],
+)
 def test_param_sharding_rules(shape, mesh_shape, expected):
   mesh = mesh_of(mesh_shape)
   sharding = distributed.param_sharding({"w": jax.ShapeDtypeStruct(shape, jnp.float32)}, mesh)
@@ -84,16 +94,19 @@ def assert_valid(sharding, shape):
   assert len(axes) == len(set(axes)) and len(sharding.spec) <= len(shape)
   for dim, axis in zip(shape, sharding.spec):
     assert axis is None or dim % sharding.mesh.shape[axis] == 0
-  sharding.shard_shape(shape)   # raises on an invalid spec
+  sharding.shard_shape(shape)  # raises on an invalid spec
 
 
 @needs_8_devices
 @pytest.mark.parametrize("name", ["resnet_tiny", "vit_tiny"])
-@pytest.mark.parametrize("mesh_shape", [{"data": 4, "model": 2}, {"data": 8}, {"data": 1, "model": 8}])
+@pytest.mark.parametrize(
+  "mesh_shape", [{"data": 4, "model": 2}, {"data": 8}, {"data": 1, "model": 8}]
+)
 def test_param_sharding_of_real_models(name, mesh_shape):
   model = models.get_model(name, 10)
-  abstract = jax.eval_shape(model.init, jax.random.key(0),
-                            jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+  abstract = jax.eval_shape(
+    model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  )
   mesh = mesh_of(mesh_shape)
   shardings = distributed.param_sharding(abstract, mesh)
   assert jax.tree.structure(shardings) == jax.tree.structure(abstract)
@@ -109,13 +122,23 @@ def test_param_sharding_of_real_models(name, mesh_shape):
 @needs_8_devices
 def test_state_sharding_follows_params():
   mesh = mesh_of({"data": 4, "model": 2})
-  params = {"params": {"fc": {"kernel": jnp.zeros((128, 256)), "bias": jnp.zeros(256)},
-                       "head": {"kernel": jnp.zeros((256, 128))}}}
+  params = {
+    "params": {
+      "fc": {"kernel": jnp.zeros((128, 256)), "bias": jnp.zeros(256)},
+      "head": {"kernel": jnp.zeros((256, 128))},
+    }
+  }
   tx = optax.chain(optax.adam(1e-3), tpgm_jax.tpgm(mask=tpgm_jax.path_mask(exclude=".*head.*")))
-  state = jax.eval_shape(lambda: {
-      "params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
+  state = jax.eval_shape(
+    lambda: {
+      "params": params,
+      "opt_state": tx.init(params),
+      "step": jnp.int32(0),
       "radii": jax.tree.map(lambda _: jnp.float32(1), params),
-      "buffer": jnp.zeros((128, 256)), "other": jnp.zeros((512, 64))})
+      "buffer": jnp.zeros((128, 256)),
+      "other": jnp.zeros((512, 64)),
+    }
+  )
   shardings = distributed.state_sharding(state, mesh)
   assert jax.tree.structure(shardings) == jax.tree.structure(state)
   fc = head = P("data", "model")
@@ -126,8 +149,8 @@ def test_state_sharding_follows_params():
     assert moments["params"]["fc"]["kernel"].spec == fc
     assert moments["params"]["head"]["kernel"].spec == head
     assert moments["params"]["fc"]["bias"].spec == P()
-  assert shardings["buffer"].spec == fc                  # a param's shape, elsewhere
-  assert shardings["other"].spec == P()                  # no param has this shape
+  assert shardings["buffer"].spec == fc  # a param's shape, elsewhere
+  assert shardings["other"].spec == P()  # no param has this shape
   assert adam[0].count.spec == P() and shardings["step"].spec == P()
   assert all(s.spec == P() for s in jax.tree.leaves(shardings["radii"]))
 
@@ -136,11 +159,14 @@ def test_state_sharding_follows_params():
 def test_state_sharding_by_path_before_shape():
   mesh = mesh_of({"data": 4, "model": 2})
   params = {"a": jnp.zeros((128, 256)), "b": jnp.zeros((128, 256))}
-  by_name = lambda p, m: {"a": NamedSharding(m, P("data")), "b": NamedSharding(m, P("model"))}
+
+  def by_name(p, m):
+    return {"a": NamedSharding(m, P("data")), "b": NamedSharding(m, P("model"))}
+
   state = {"params": params, "mu": params, "same_shape": jnp.zeros((128, 256))}
   shardings = distributed.state_sharding(state, mesh, by_name)
   assert shardings["mu"]["a"].spec == P("data") and shardings["mu"]["b"].spec == P("model")
-  assert shardings["same_shape"].spec == P()   # ambiguous: replicated
+  assert shardings["same_shape"].spec == P()  # ambiguous: replicated
 
 
 @needs_8_devices
@@ -198,13 +224,23 @@ def free_port():
 
 
 def test_two_processes_match_one_device(tmp_path, reference):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-         "JAX_PLATFORMS": "cpu"}
+  env = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    "JAX_PLATFORMS": "cpu",
+  }
   coordinator = f"localhost:{free_port()}"
   script = os.path.join(os.path.dirname(__file__), "_multiprocess_worker.py")
-  procs = [subprocess.Popen([sys.executable, script, coordinator, "2", str(i), str(tmp_path)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, script, coordinator, "2", str(i), str(tmp_path)],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outputs = []
   try:
     for proc in procs:
@@ -225,7 +261,7 @@ def test_two_processes_match_one_device(tmp_path, reference):
   state1, losses1 = toy.train(mesh1, stopped)
   for i, result in enumerate(results):
     assert result["devices"] == 8 and result["local_devices"] == 4
-    assert result["rows"] == [8 * i, 8 * i + 8]          # each process feeds half the batch
+    assert result["rows"] == [8 * i, 8 * i + 8]  # each process feeds half the batch
     assert result["stopped_at"] == stopped
     assert result["restored_equal"]
     assert "P('data', 'model')" in result["shardings"]

@@ -27,8 +27,9 @@ def test_jpeg_data_set_is_photo_sized(tmp_path):
 
 
 def test_benchmark_reports_rates_per_worker_count(tmp_path):
-  out = input_pipeline.run([1], batch=4, batches=2, repeats=1, data_dir=os.fspath(tmp_path),
-                           images=64)
+  out = input_pipeline.run(
+    [1], batch=4, batches=2, repeats=1, data_dir=os.fspath(tmp_path), images=64
+  )
   assert set(out["images_per_s"]) == set(out["per_worker_images_per_s"]) == {"1"}
   assert out["images_per_s"]["1"] > 0 and out["scaling_efficiency"] == 1.0
   assert out["image_size"] == 224 and out["transform_images_per_s"] > 0
@@ -36,7 +37,21 @@ def test_benchmark_reports_rates_per_worker_count(tmp_path):
 
 def test_command_prints_only_the_json(tmp_path, capsys):
   # Building the data set makes TFDS print; stdout must stay one JSON document.
-  input_pipeline.main(["--workers", "1", "--batch", "4", "--batches", "2", "--repeats", "1",
-                       "--images", "64", "--data_dir", os.fspath(tmp_path)])
+  input_pipeline.main(
+    [
+      "--workers",
+      "1",
+      "--batch",
+      "4",
+      "--batches",
+      "2",
+      "--repeats",
+      "1",
+      "--images",
+      "64",
+      "--data_dir",
+      os.fspath(tmp_path),
+    ]
+  )
   out = json.loads(capsys.readouterr().out)
   assert out["images_per_s"]["1"] > 0

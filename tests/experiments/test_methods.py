@@ -1,4 +1,4 @@
-"""Tests of experiments.training.methods and experiments.training.optimizers: the method registry, parameter
+"""Tests of experiments.training.methods and .optimizers: the method registry, parameter
 groups and optimizers."""
 
 from __future__ import annotations
@@ -12,26 +12,36 @@ from ml_collections import ConfigDict
 
 import tpgm_jax
 from experiments import plan
-from experiments.training import methods, optimizers
 from experiments.configs import default
+from experiments.training import methods, optimizers
 
-PARAMS = {"stem": {"kernel": jnp.ones((3, 4))}, "block1": {"kernel": jnp.ones((4, 4)),
-                                                          "bias": jnp.zeros(4)},
-          "head": {"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(2)}}
+PARAMS = {
+  "stem": {"kernel": jnp.ones((3, 4))},
+  "block1": {"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(4)},
+  "head": {"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(2)},
+}
 RULES = (("head/.*", "head"), (".*", "backbone"))
 
 
 def test_param_groups_first_match_wins():
   groups = optimizers.param_groups(PARAMS, RULES)
-  assert groups == {"block1/bias": "backbone", "block1/kernel": "backbone",
-                    "head/bias": "head", "head/kernel": "head", "stem/kernel": "backbone"}
+  assert groups == {
+    "block1/bias": "backbone",
+    "block1/kernel": "backbone",
+    "head/bias": "head",
+    "head/kernel": "head",
+    "stem/kernel": "backbone",
+  }
 
 
-@pytest.mark.parametrize("rules, message", [
+@pytest.mark.parametrize(
+  "rules, message",
+  [
     ((("head/.*", "head"),), "matched by no rule: block1/bias"),
     ((("head/.*", "head"), ("hed/.*", "x"), (".*", "b")), "rules matching no parameter .*hed"),
     (((".*", "b"), ("head/.*", "head")), "shadowed.*'head/\\.\\*'"),
-])
+  ],
+)
 def test_param_groups_must_cover_exactly(rules, message):
   with pytest.raises(ValueError, match=message):
     optimizers.param_groups(PARAMS, rules)
@@ -39,8 +49,11 @@ def test_param_groups_must_cover_exactly(rules, message):
 
 def test_group_mask_and_unknown_group():
   mask = optimizers.group_mask(PARAMS, RULES, ["backbone"])
-  assert mask == {"stem": {"kernel": True}, "block1": {"kernel": True, "bias": True},
-                  "head": {"kernel": False, "bias": False}}
+  assert mask == {
+    "stem": {"kernel": True},
+    "block1": {"kernel": True, "bias": True},
+    "head": {"kernel": False, "bias": False},
+  }
   with pytest.raises(ValueError, match="unknown parameter group"):
     optimizers.group_mask(PARAMS, RULES, ["backbon"])
 
@@ -59,8 +72,17 @@ def test_freeze_gives_zero_updates_and_no_state_to_frozen_groups():
 @pytest.mark.parametrize("name, wd", [("sgd", 0.0), ("sgd", 5e-4), ("adam", 0.0), ("adamw", 0.1)])
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])
 def test_optimizer_from_config(name, wd, schedule):
-  settings = ConfigDict(dict(name=name, lr=0.1, momentum=0.9, nesterov=True, weight_decay=wd,
-                        schedule=schedule, warmup_steps=2))
+  settings = ConfigDict(
+    dict(
+      name=name,
+      lr=0.1,
+      momentum=0.9,
+      nesterov=True,
+      weight_decay=wd,
+      schedule=schedule,
+      warmup_steps=2,
+    )
+  )
   tx = optimizers.optimizer(settings, 10)
   updates, _ = tx.update(jax.tree.map(jnp.ones_like, PARAMS), tx.init(PARAMS), PARAMS)
   assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))  # warmup starts at 0
@@ -72,7 +94,9 @@ def test_optimizer_errors():
   with pytest.raises(ValueError, match="unknown optimizer"):
     optimizers.optimizer(ConfigDict(dict(name="lamb", lr=1.0, schedule="constant")), 1)
   with pytest.raises(ValueError, match="adamw"):
-    optimizers.optimizer(ConfigDict(dict(name="adam", lr=1.0, weight_decay=0.1, schedule="constant")), 1)
+    optimizers.optimizer(
+      ConfigDict(dict(name="adam", lr=1.0, weight_decay=0.1, schedule="constant")), 1
+    )
   with pytest.raises(ValueError, match="unknown schedule"):
     optimizers.schedule(ConfigDict(dict(lr=1.0, schedule="linear")), 1)
 
@@ -108,7 +132,10 @@ def test_every_trained_method_steps_and_keeps_the_head_free(name):
   config = default.get_config()
   settings = plan.train_config(config, name)
   mask = optimizers.group_mask(PARAMS, RULES, ["backbone"])
-  loss = lambda p, b: jnp.sum(jnp.square(p["head"]["kernel"] - b["x"]))
+
+  def loss(p, b):
+    return jnp.sum(jnp.square(p["head"]["kernel"] - b["x"]))
+
   ctx = methods.Context(config.get(name), optimizers.optimizer(settings.optimizer, 10), mask, loss)
   tx = optimizers.freeze(methods.get(name).transform(ctx), PARAMS, RULES, settings.frozen)
   state = tx.init(PARAMS)

@@ -41,11 +41,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from experiments import environment, plan, runner
-from experiments.training import loop
-from tests.experiments.helpers import run_dir
 from experiments.configs import default, domainnet_resnet50, imagenet_vit_b16
 from experiments.data import augment, pipeline, shapes, sources, tasks
-from experiments.data.options import InputOptions, MAX_AUTO_WORKERS, available_cores
+from experiments.data.options import MAX_AUTO_WORKERS, InputOptions, available_cores
+from experiments.training import loop
+from tests.experiments.helpers import run_dir
 
 TINY = shapes.CONFIGS["tiny"]
 SHAPES = InputOptions(crop_fraction=1.0, num_workers=0)  # the default config's loader
@@ -65,9 +65,12 @@ class _Examples:
 
 
 def synthetic_split(n, flip=True):
-  return sources.Split(tasks.SplitRef("synthetic", "train"),
-                        grain.MapDataset.source(_Examples(n)),
-                        augment.RandomFlip() if flip else None, in_memory=True)
+  return sources.Split(
+    tasks.SplitRef("synthetic", "train"),
+    grain.MapDataset.source(_Examples(n)),
+    augment.RandomFlip() if flip else None,
+    in_memory=True,
+  )
 
 
 def stack(batches, key):
@@ -83,10 +86,10 @@ def test_stream_is_a_permutation_per_epoch():
   batches = pipeline.train_batches(synthetic_split(n), batch_size=bs, seed=5)
   stream = stack([batches[i] for i in range(10)], "label")
   for e in range(2):
-    assert sorted(stream[e * n:(e + 1) * n]) == list(range(n))
-  assert not np.array_equal(stream[:n], stream[n:2 * n])  # reshuffled per epoch
+    assert sorted(stream[e * n : (e + 1) * n]) == list(range(n))
+  assert not np.array_equal(stream[:n], stream[n : 2 * n])  # reshuffled per epoch
   other = pipeline.train_batches(synthetic_split(n), batch_size=bs, seed=6)
-  assert not np.array_equal(stream[:5 * bs], stack([other[i] for i in range(5)], "label"))
+  assert not np.array_equal(stream[: 5 * bs], stack([other[i] for i in range(5)], "label"))
   # Each image is its example's, mirrored or not.
   images = _Examples(n).images
   for b in (batches[0], batches[7]):
@@ -95,13 +98,22 @@ def test_stream_is_a_permutation_per_epoch():
 
 
 @settings(max_examples=30, deadline=None)
-@given(n=st.integers(1, 50), local=st.integers(1, 6), procs=st.integers(1, 4),
-       step=st.integers(0, 30), seed=st.integers(0, 2**31))
+@given(
+  n=st.integers(1, 50),
+  local=st.integers(1, 6),
+  procs=st.integers(1, 4),
+  step=st.integers(0, 30),
+  seed=st.integers(0, 2**31),
+)
 def test_process_slices_partition_global_batch(n, local, procs, step, seed):
   split = synthetic_split(n)
   whole = pipeline.train_batches(split, batch_size=local * procs, seed=seed)[step]
-  parts = [pipeline.train_batches(split, batch_size=local * procs, seed=seed, process_index=p,
-                                  process_count=procs)[step] for p in range(procs)]
+  parts = [
+    pipeline.train_batches(
+      split, batch_size=local * procs, seed=seed, process_index=p, process_count=procs
+    )[step]
+    for p in range(procs)
+  ]
   for key in ("image", "label"):  # the augmentation does not depend on the layout either
     np.testing.assert_array_equal(stack(parts, key), whole[key])
   assert whole["label"].min() >= 0 and whole["label"].max() < n
@@ -110,8 +122,9 @@ def test_process_slices_partition_global_batch(n, local, procs, step, seed):
 @pytest.mark.parametrize("batch_size, index, count", [(6, 0, 4), (8, 2, 2), (0, 0, 1)])
 def test_bad_process_layout(batch_size, index, count):
   with pytest.raises(ValueError, match="process"):
-    pipeline.train_batches(synthetic_split(5), batch_size=batch_size, seed=0,
-                           process_index=index, process_count=count)
+    pipeline.train_batches(
+      synthetic_split(5), batch_size=batch_size, seed=0, process_index=index, process_count=count
+    )
 
 
 def test_resumed_and_in_memory_streams_are_the_same(tiny_shared):
@@ -124,8 +137,9 @@ def test_resumed_and_in_memory_streams_are_the_same(tiny_shared):
   b = batches[0]
   assert b["image"].shape == (8, 32, 32, 3) and b["image"].dtype == np.uint8
   assert b["label"].dtype == np.int32
-  with contextlib.closing(pipeline.train_iterator(task, batch_size=8, seed=3, step=4, options=options,
-                               opened=opened)) as it:
+  with contextlib.closing(
+    pipeline.train_iterator(task, batch_size=8, seed=3, step=4, options=options, opened=opened)
+  ) as it:
     for i in range(4, 9):
       got = next(it)
       for key in ("image", "label"):
@@ -135,8 +149,9 @@ def test_resumed_and_in_memory_streams_are_the_same(tiny_shared):
   opened = sources.open_split(task, "train", options=on_disk, data_dir=data_dir, train=True)
   assert not opened.in_memory
   for i in (0, 5):
-    np.testing.assert_array_equal(pipeline.train_batches(opened, batch_size=8, seed=3)[i]["image"],
-                                  batches[i]["image"])
+    np.testing.assert_array_equal(
+      pipeline.train_batches(opened, batch_size=8, seed=3)[i]["image"], batches[i]["image"]
+    )
 
 
 @pytest.mark.parametrize("procs", [1, 2, 4])
@@ -147,8 +162,17 @@ def test_eval_covers_split_exactly_once(tiny_shared, procs):
   bs = 8
   per_proc = []
   for p in range(procs):
-    with contextlib.closing(pipeline.eval_iterator(task, "sketch", batch_size=bs, options=SHAPES, opened=opened,
-                                process_index=p, process_count=procs)) as it:
+    with contextlib.closing(
+      pipeline.eval_iterator(
+        task,
+        "sketch",
+        batch_size=bs,
+        options=SHAPES,
+        opened=opened,
+        process_index=p,
+        process_count=procs,
+      )
+    ) as it:
       per_proc.append(list(it))
   counts = {len(batches) for batches in per_proc}
   assert counts == {pipeline.num_eval_batches(len(opened), bs)}
@@ -200,7 +224,9 @@ def test_an_unknown_data_key_is_an_error(tmp_path):
   assert not os.listdir(tmp_path)
 
 
-@pytest.mark.parametrize("field, value, match", [
+@pytest.mark.parametrize(
+  "field, value, match",
+  [
     ("crop_scale", (0.5, 0.1), r"data\.crop_scale=\(0\.5, 0\.1\)"),
     ("crop_scale", (0.5, 2.0), "at most 1"),
     ("crop_ratio", (0.0, 1.0), r"data\.crop_ratio"),
@@ -208,7 +234,8 @@ def test_an_unknown_data_key_is_an_error(tmp_path):
     ("interpolation", "nearest", r"data\.interpolation='nearest': expected one of"),
     ("num_workers", -2, r"data\.num_workers"),
     ("prefetch", 0, r"data\.prefetch"),
-])
+  ],
+)
 def test_bad_option_values_name_the_key(field, value, match):
   with pytest.raises(ValueError, match=match):
     InputOptions(**{field: value})
@@ -217,8 +244,7 @@ def test_bad_option_values_name_the_key(field, value, match):
 def test_worker_count():
   assert InputOptions(num_workers=3).workers() == 3
   assert InputOptions(num_workers=3).workers(in_memory=True) == 0
-  assert InputOptions().workers() == min(available_cores(),
-                                                  MAX_AUTO_WORKERS)
+  assert InputOptions().workers() == min(available_cores(), MAX_AUTO_WORKERS)
 
 
 def test_augmentation_is_part_of_the_run_identity():
@@ -251,12 +277,17 @@ def test_domainnet_carving_with_mock_data():
   """The real ``domainnet`` builder accepts the carved slices (mock_data ignores slices: every
   split has 30 examples; the sizes are checked on prepared files below)."""
   task = tasks.get_task("domainnet", heldout_size=5, val_size=4, image_size=24)
-  with tfds.testing.mock_data(num_examples=30, policy=tfds.testing.MockPolicy.USE_CODE), \
-      mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", return_value=True):
+  with (
+    tfds.testing.mock_data(num_examples=30, policy=tfds.testing.MockPolicy.USE_CODE),
+    mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", return_value=True),
+  ):
     for name in ("train", "heldout", "val", "clipart"):
       assert len(sources.open_data_source(task.split(name))) == 30
   assert [task.train.split, task.heldout.split, task.val.split] == [
-      "train[:-9]", "train[-9:-4]", "train[-4:]"]
+    "train[:-9]",
+    "train[-9:-4]",
+    "train[-4:]",
+  ]
 
 
 def _encode(array, fmt="png"):
@@ -273,8 +304,10 @@ class _FakeDomainnet(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=d) for d in ("real", "sketch")]
 
   def _info(self):
-    features = {"image": tfds.features.Image(shape=(None, None, 3)),
-                "label": tfds.features.ClassLabel(num_classes=345)}
+    features = {
+      "image": tfds.features.Image(shape=(None, None, 3)),
+      "label": tfds.features.ClassLabel(num_classes=345),
+    }
     return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
 
   def _split_generators(self, dl_manager):
@@ -295,9 +328,9 @@ class _FakeImagenetA(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self):
     features = {
-        "image": tfds.features.Image(encoding_format="jpeg"),
-        "label": tfds.features.ClassLabel(num_classes=1000),
-        "file_name": tfds.features.Text(),
+      "image": tfds.features.Image(encoding_format="jpeg"),
+      "label": tfds.features.ClassLabel(num_classes=1000),
+      "file_name": tfds.features.Text(),
     }
     return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
 
@@ -307,23 +340,27 @@ class _FakeImagenetA(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _generate_examples(self):
     for i in range(9):
       image = np.full((30, 40, 3), 20 * i, np.uint8)
-      yield i, {"image": _encode(image, "jpeg"), "label": (3, 17, 999)[i % 3],
-                "file_name": f"{i}.jpg"}
+      yield (
+        i,
+        {"image": _encode(image, "jpeg"), "label": (3, 17, 999)[i % 3], "file_name": f"{i}.jpg"},
+      )
 
 
 @pytest.fixture(scope="module")
 def fake_real_dir(tmp_path_factory):
   data_dir = os.fspath(tmp_path_factory.mktemp("fake_tfds"))
   for config in ("real", "sketch"):
-    _FakeDomainnet(config=config, data_dir=data_dir,
-                   file_format="array_record").download_and_prepare()
+    _FakeDomainnet(
+      config=config, data_dir=data_dir, file_format="array_record"
+    ).download_and_prepare()
   _FakeImagenetA(data_dir=data_dir, file_format="array_record").download_and_prepare()
   return data_dir
 
 
 def test_domainnet_task_reads_prepared_files(fake_real_dir):
-  task = tasks.get_task("domainnet", ood_domains=("sketch",), heldout_size=5, val_size=5,
-                           image_size=16)
+  task = tasks.get_task(
+    "domainnet", ood_domains=("sketch",), heldout_size=5, val_size=5, image_size=16
+  )
   options = InputOptions(num_workers=0)
   labels = {}
   for name in ("train", "heldout", "val", "test", "sketch"):
@@ -333,23 +370,35 @@ def test_domainnet_task_reads_prepared_files(fake_real_dir):
     labels[name] = {int(e["label"]) for e in examples}
   assert [len(labels[k]) for k in ("train", "heldout", "val", "test")] == [30, 5, 5, 10]
   assert labels["train"] | labels["heldout"] | labels["val"] == set(range(40))  # labels = ids
-  with contextlib.closing(pipeline.eval_iterator(task, "heldout", batch_size=4, data_dir=fake_real_dir,
-                              options=options)) as it:
+  with contextlib.closing(
+    pipeline.eval_iterator(task, "heldout", batch_size=4, data_dir=fake_real_dir, options=options)
+  ) as it:
     assert [int(b["mask"].sum()) for b in it] == [4, 1]
 
 
 def test_random_resized_crops_with_worker_processes(fake_real_dir):
   """Real-data training batches: the same bits with 0 and 2 worker processes, and when resumed."""
-  task = tasks.get_task("domainnet", ood_domains=("sketch",), heldout_size=5, val_size=5,
-                           image_size=16)
+  task = tasks.get_task(
+    "domainnet", ood_domains=("sketch",), heldout_size=5, val_size=5, image_size=16
+  )
   options = InputOptions(hflip=True, random_resized_crop=True, num_workers=0)
   opened = sources.open_split(task, "train", options=options, data_dir=fake_real_dir, train=True)
   assert not opened.in_memory and isinstance(opened.augmentation, augment.RandomResizedCrop)
   batches = pipeline.train_batches(opened, batch_size=6, seed=1, process_index=1, process_count=2)
   assert batches[0]["image"].shape == (3, 16, 16, 3) and batches[0]["image"].dtype == np.uint8
   workers = dataclasses.replace(options, num_workers=2)
-  with contextlib.closing(pipeline.train_iterator(task, batch_size=6, seed=1, step=3, data_dir=fake_real_dir,
-                               options=workers, process_index=1, process_count=2)) as it:
+  with contextlib.closing(
+    pipeline.train_iterator(
+      task,
+      batch_size=6,
+      seed=1,
+      step=3,
+      data_dir=fake_real_dir,
+      options=workers,
+      process_index=1,
+      process_count=2,
+    )
+  ) as it:
     for i in range(3, 9):
       got = next(it)
       for key in ("image", "label"):
@@ -393,12 +442,13 @@ def test_builtin_task_builds_on_first_use(tmp_path):
 
 def test_runs_train_with_the_data_section(tiny_config, tmp_path, monkeypatch):
   """``config.data.hflip`` (and the rest of the section) reaches pre-training and fine-tuning."""
-  checkpoint = environment.setup(plan.make_plan(tiny_config, tmp_path),
-                                 progress=False).pretrained()  # cached
+  checkpoint = environment.setup(
+    plan.make_plan(tiny_config, tmp_path), progress=False
+  ).pretrained()  # cached
   tiny_config.data.hflip = True
   seen = []
 
-  class Stop(Exception):
+  class Stop(Exception):  # noqa: N818
     pass
 
   def capture(setup, workdir):
@@ -417,8 +467,7 @@ def test_runs_train_with_the_data_section(tiny_config, tmp_path, monkeypatch):
   assert [s.name for s in seen] == ["pretrain", "ft"]
   for setup in seen:  # both read their split through the environment: flipped at random
     setup.data(8, 0).close()
-    assert isinstance(env.open(setup.train.split, augmented=True).augmentation,
-                      augment.RandomFlip)
+    assert isinstance(env.open(setup.train.split, augmented=True).augmentation, augment.RandomFlip)
 
 
 def _alive(pid):
@@ -432,8 +481,13 @@ def _alive(pid):
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads process states from /proc")
 def test_workers_ignore_sigterm_and_exit_with_their_parent(fake_real_dir):
   script = os.path.join(os.path.dirname(__file__), "_pipeline_worker.py")
-  proc = subprocess.Popen([sys.executable, script, fake_real_dir], stdin=subprocess.PIPE,
-                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  proc = subprocess.Popen(
+    [sys.executable, script, fake_real_dir],
+    stdin=subprocess.PIPE,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.DEVNULL,
+    text=True,
+  )
   try:
     pids = [int(p) for p in proc.stdout.readline().split()[1:]]
     assert len(pids) == 2 and all(_alive(p) for p in pids)

@@ -38,8 +38,7 @@ def read_params(path):
   with ocp.PyTreeCheckpointer() as checkpointer:
     meta = checkpointer.metadata(os.fspath(path)).item_metadata.tree
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-    tree = checkpointer.restore(os.fspath(path), args=ocp.args.PyTreeRestore(
-        restore_args=as_numpy))
+    tree = checkpointer.restore(os.fspath(path), args=ocp.args.PyTreeRestore(restore_args=as_numpy))
   return dict(zip(weights.param_paths(tree), jax.tree.leaves(tree)))
 
 
@@ -58,14 +57,21 @@ def test_train_logs_checkpoints_and_reuses_a_finished_run(tiny_config, tmp_path)
   assert root.name.startswith("tpgm-") and root.parent == tmp_path / "tiny"
   rows = metrics(root / "metrics.jsonl")
   assert [r["step"] for r in rows] == [1, 2, 3, 4]
-  for key in ("loss", "grad_norm", "lr", "distance_l2", "distance_mars_max", "radius_min",
-              "radius_mean", "radius_max"):
+  for key in (
+    "loss",
+    "grad_norm",
+    "lr",
+    "distance_l2",
+    "distance_mars_max",
+    "radius_min",
+    "radius_mean",
+    "radius_max",
+  ):
     assert all(np.isfinite(r[key]) for r in rows), key
   assert rows[0]["radius_max"] <= rows[0]["distance_mars_max"] + 1e-6  # radii start inside
   # Every projected layer lies inside its ball, so the largest distance is at most the
   # largest radius (the radii floor at 1e-8).
-  assert all(r["distance_mars_max"] <= max(r["radius_max"], 1e-8) * (1 + 1e-5) + 1e-7
-             for r in rows)
+  assert all(r["distance_mars_max"] <= max(r["radius_max"], 1e-8) * (1 + 1e-5) + 1e-7 for r in rows)
   assert sorted(os.listdir(root / "ckpt")) == ["2", "4"]
   assert (root / "params").exists() and out["results"]["tpgm"]["test"] >= 0
   assert set(out["results"]) == {"tpgm"}  # pre-trained on other classes: no own-head row
@@ -81,8 +87,12 @@ def test_train_logs_checkpoints_and_reuses_a_finished_run(tiny_config, tmp_path)
 
 def test_train_state_is_sharded_like_the_params(tiny_config):
   env_mesh = distributed.make_mesh({"data": 4, "model": 2})
-  built = build_step(tiny_config, "tpgm", env_mesh,
-                     param_sharding=lambda p, m: distributed.param_sharding(p, m, min_size=256))
+  built = build_step(
+    tiny_config,
+    "tpgm",
+    env_mesh,
+    param_sharding=lambda p, m: distributed.param_sharding(p, m, min_size=256),
+  )
   kernel = built.shardings["params"]["block1"]["unit1"]["conv"]["kernel"]
   assert kernel.spec[-1] == "model" and "data" in kernel.spec, kernel.spec  # TP and FSDP
   # The anchor is kept once, in the method's state, sharded like the params.
@@ -92,11 +102,21 @@ def test_train_state_is_sharded_like_the_params(tiny_config):
   assert radius.spec == jax.sharding.PartitionSpec()  # radii, step and RNG are replicated
 
 
-@pytest.mark.parametrize("name, own", [("ft", True), ("l2sp", False), ("ftp", False),
-                                       ("spd", False), ("digrap", False), ("mars_pgm", False)])
+@pytest.mark.parametrize(
+  "name, own",
+  [
+    ("ft", True),
+    ("l2sp", False),
+    ("ftp", False),
+    ("spd", False),
+    ("digrap", False),
+    ("mars_pgm", False),
+  ],
+)
 def test_anchor_is_kept_once(tiny_config, name, own):
-  built = build_step(tiny_config, name,
-                     distributed.make_mesh({"data": 1, "model": 1}, devices=jax.devices()[:1]))
+  built = build_step(
+    tiny_config, name, distributed.make_mesh({"data": 1, "model": 1}, devices=jax.devices()[:1])
+  )
   state = built.abstract_state
   in_opt_state = optax.tree.get(state["opt_state"], "anchor") is not None
   assert (state["anchor"] is not None) == own and in_opt_state != own
@@ -104,8 +124,11 @@ def test_anchor_is_kept_once(tiny_config, name, own):
 
 
 def test_distance_metrics_read_a_masked_anchor_like_a_full_one():
-  params = {"a": {"kernel": np.ones((3, 4), np.float32)}, "head": {"bias": np.ones(2, np.float32)},
-            "z": {"scale": np.full(4, 2.0, np.float32)}}
+  params = {
+    "a": {"kernel": np.ones((3, 4), np.float32)},
+    "head": {"bias": np.ones(2, np.float32)},
+    "z": {"scale": np.full(4, 2.0, np.float32)},
+  }
   full = jax.tree.map(lambda x: x * 0.5, params)
   mask = {"a": {"kernel": True}, "head": {"bias": False}, "z": {"scale": True}}
   masked = dict(full, head={"bias": optax.MaskedNode()})
@@ -164,6 +187,7 @@ def _uninterrupted(config, workdir, mesh):
 def long_tpgm(tiny_shared, tmp_path_factory):
   """A longer tpgm run config (every field but paths) and its uninterrupted result on 8 devices."""
   from experiments.configs import tiny  # noqa: PLC0415
+
   config = tiny.get_config()
   config.data.data_dir = os.fspath(tiny_shared / "data")
   config.pretrain.cache_dir = os.fspath(tiny_shared / "cache")
@@ -184,8 +208,10 @@ def test_checkpoints_move_between_8_devices_and_1(long_tpgm, tmp_path):
   for a, b in zip(rows1, ref_rows):
     for k in a:
       np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=1e-6, err_msg=f"{k} step {a['step']}")
-  for direction, (source, mesh) in {"8->1": (workdir, one_device_mesh()),
-                                    "1->8": (tmp_path / "one", None)}.items():
+  for direction, (source, mesh) in {
+    "8->1": (workdir, one_device_mesh()),
+    "1->8": (tmp_path / "one", None),
+  }.items():
     # Keep the checkpoint of step 4 of a finished run and resume on the other mesh.
     resumed = tmp_path / direction.replace(">", "")
     shutil.copytree(source / "tiny", resumed / "tiny")
@@ -196,26 +222,46 @@ def test_checkpoints_move_between_8_devices_and_1(long_tpgm, tmp_path):
     out = run_one(config, resumed, "tpgm", mesh=mesh)
     params = read_params(root / "params")
     for k in ref_params:
-      np.testing.assert_allclose(params[k], ref_params[k], rtol=1e-4, atol=1e-6,
-                                 err_msg=f"{direction} {k}")
+      np.testing.assert_allclose(
+        params[k], ref_params[k], rtol=1e-4, atol=1e-6, err_msg=f"{direction} {k}"
+      )
     assert out["results"]["tpgm"]["test"] == pytest.approx(
-        json.loads((run_dir(config, workdir, "tpgm") / "results.json").read_text())[
-            "results"]["tpgm"]["test"], abs=10)
+      json.loads((run_dir(config, workdir, "tpgm") / "results.json").read_text())["results"][
+        "tpgm"
+      ]["test"],
+      abs=10,
+    )
 
 
 def _main(config, workdir, *extra, env=None, interrupt=None):
   """``experiments.main`` on the long tpgm config in a subprocess; ``interrupt=(step, signal)``
   makes it signal itself once the save of ``step`` has started."""
-  entry = (["-m", "experiments.main"] if interrupt is None else
-           [os.path.join(REPO, "tests", "experiments", "_main_worker.py"), *map(str, interrupt)])
-  args = [f"--workdir={workdir}", f"--config={os.path.join(REPO, 'experiments', 'configs', 'tiny.py')}",
-          f"--config.data.data_dir={config.data.data_dir}",
-          f"--config.pretrain.cache_dir={config.pretrain.cache_dir}",
-          f"--config.train.steps={config.train.steps}", "--config.train.log_every=1",
-          "--config.train.checkpoint_every=2", "--config.train.max_to_keep=10",
-          f"--config.tpgm.proj_freq={config.tpgm.proj_freq}", "--config.methods=tpgm", *extra]
-  return subprocess.Popen([sys.executable, *entry, *args], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  entry = (
+    ["-m", "experiments.main"]
+    if interrupt is None
+    else [os.path.join(REPO, "tests", "experiments", "_main_worker.py"), *map(str, interrupt)]
+  )
+  args = [
+    f"--workdir={workdir}",
+    f"--config={os.path.join(REPO, 'experiments', 'configs', 'tiny.py')}",
+    f"--config.data.data_dir={config.data.data_dir}",
+    f"--config.pretrain.cache_dir={config.pretrain.cache_dir}",
+    f"--config.train.steps={config.train.steps}",
+    "--config.train.log_every=1",
+    "--config.train.checkpoint_every=2",
+    "--config.train.max_to_keep=10",
+    f"--config.tpgm.proj_freq={config.tpgm.proj_freq}",
+    "--config.methods=tpgm",
+    *extra,
+  ]
+  return subprocess.Popen(
+    [sys.executable, *entry, *args],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
 
 
 def test_killed_and_preempted_runs_resume_bit_identically(long_tpgm, tmp_path):
@@ -253,12 +299,25 @@ def _free_port():
 
 def test_two_processes_match_one_device(long_tpgm, tmp_path):
   config, _, ref_params, ref_rows = long_tpgm
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-         "JAX_PLATFORMS": "cpu"}
+  env = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    "JAX_PLATFORMS": "cpu",
+  }
   coordinator = f"localhost:{_free_port()}"
-  procs = [_main(config, tmp_path, f"--coordinator_address={coordinator}", "--num_processes=2",
-                 f"--process_id={i}", "--config.mesh.data=4", "--config.mesh.model=2", env=env)
-           for i in range(2)]
+  procs = [
+    _main(
+      config,
+      tmp_path,
+      f"--coordinator_address={coordinator}",
+      "--num_processes=2",
+      f"--process_id={i}",
+      "--config.mesh.data=4",
+      "--config.mesh.model=2",
+      env=env,
+    )
+    for i in range(2)
+  ]
   try:
     outs = [p.communicate(timeout=240)[0] for p in procs]
   finally:

@@ -12,8 +12,13 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from experiments import models
-from experiments.training.weights import (CheckpointError, CheckpointExistsError, load_pretrained,
-                                 param_paths, save_params)
+from experiments.training.weights import (
+  CheckpointError,
+  CheckpointExistsError,
+  load_pretrained,
+  param_paths,
+  save_params,
+)
 
 needs_8_devices = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
 
@@ -22,12 +27,15 @@ def make_params(classes=10, width=8, seed=0, dtype=np.float32):
   """A small Flax-like variables dict: conv stem, one block, a head."""
   rng = np.random.default_rng(seed)
   shapes = {
-      "stem": {"conv": {"kernel": (3, 3, 3, width)}, "norm": {"scale": (width,)}},
-      "block1": {"conv": {"kernel": (3, 3, width, width)}, "norm": {"bias": (width,)}},
-      "head": {"kernel": (width, classes), "bias": (classes,)},
+    "stem": {"conv": {"kernel": (3, 3, 3, width)}, "norm": {"scale": (width,)}},
+    "block1": {"conv": {"kernel": (3, 3, width, width)}, "norm": {"bias": (width,)}},
+    "head": {"kernel": (width, classes), "bias": (classes,)},
   }
-  return {"params": jax.tree.map(lambda s: rng.normal(size=s).astype(dtype), shapes,
-                                 is_leaf=lambda s: isinstance(s, tuple))}
+  return {
+    "params": jax.tree.map(
+      lambda s: rng.normal(size=s).astype(dtype), shapes, is_leaf=lambda s: isinstance(s, tuple)
+    )
+  }
 
 
 def to_device(tree, sharding=None):
@@ -57,12 +65,16 @@ def test_param_paths_rejects_ambiguous_paths():
 def test_round_trip_is_exact(tmp_path, on_device):
   params = make_params()
   params["params"]["stem"]["norm"]["scale"] = params["params"]["stem"]["norm"]["scale"].astype(
-      jnp.bfloat16)
+    jnp.bfloat16
+  )
   if on_device:
     params = to_device(params)
   save_params(tmp_path / "ckpt", params)
-  loaded = load_pretrained(tmp_path / "ckpt", jax.tree.map(jnp.zeros_like, params) if on_device
-                           else jax.tree.map(np.zeros_like, params), dont_load=())
+  loaded = load_pretrained(
+    tmp_path / "ckpt",
+    jax.tree.map(jnp.zeros_like, params) if on_device else jax.tree.map(np.zeros_like, params),
+    dont_load=(),
+  )
   assert_trees_equal(loaded, params)
   leaf_type = jax.Array if on_device else np.ndarray
   assert all(isinstance(x, leaf_type) for x in jax.tree.leaves(loaded))
@@ -73,8 +85,9 @@ def test_dtype_is_cast_to_the_init_dtype(tmp_path):
   init = make_params(seed=1, dtype=jnp.bfloat16)
   loaded = load_pretrained(tmp_path / "ckpt", init, dont_load=())
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(loaded))
-  np.testing.assert_array_equal(loaded["params"]["head"]["bias"],
-                                make_params()["params"]["head"]["bias"].astype(jnp.bfloat16))
+  np.testing.assert_array_equal(
+    loaded["params"]["head"]["bias"], make_params()["params"]["head"]["bias"].astype(jnp.bfloat16)
+  )
 
 
 @pytest.mark.parametrize("new_classes", [10, 5])
@@ -110,8 +123,11 @@ def test_fine_tune_a_real_model_with_a_new_head(tmp_path):
 
 def test_shape_mismatch_names_the_path_and_both_shapes(tmp_path):
   save_params(tmp_path / "ckpt", make_params(width=8))
-  with pytest.raises(ValueError, match=r"params/stem/conv/kernel: checkpoint \(3, 3, 3, 8\) "
-                     r"vs model \(3, 3, 3, 4\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"params/stem/conv/kernel: checkpoint \(3, 3, 3, 8\) "
+    r"vs model \(3, 3, 3, 4\)",
+  ):
     load_pretrained(tmp_path / "ckpt", make_params(width=4))
 
 
@@ -119,11 +135,16 @@ def test_missing_parameters_are_listed(tmp_path):
   save_params(tmp_path / "ckpt", make_params())
   init = make_params()
   init["params"]["block2"] = {"conv": {"kernel": np.zeros((3, 3, 8, 8), np.float32)}}
-  with pytest.raises(ValueError, match=r"1 parameter\(s\) of the model missing from the "
-                     r"checkpoint: params/block2/conv/kernel"):
+  with pytest.raises(
+    ValueError,
+    match=r"1 parameter\(s\) of the model missing from the "
+    r"checkpoint: params/block2/conv/kernel",
+  ):
     load_pretrained(tmp_path / "ckpt", init)
   # ... unless they are not loaded.
-  loaded = load_pretrained(tmp_path / "ckpt", init, dont_load=("params/head/.*", "params/block2/.*"))
+  loaded = load_pretrained(
+    tmp_path / "ckpt", init, dont_load=("params/head/.*", "params/block2/.*")
+  )
   assert loaded["params"]["block2"]["conv"]["kernel"] is init["params"]["block2"]["conv"]["kernel"]
 
 
@@ -131,8 +152,11 @@ def test_unexpected_checkpoint_parameters_are_listed(tmp_path):
   pretrained = make_params()
   pretrained["params"]["aux"] = {"kernel": np.ones((2, 2), np.float32)}
   save_params(tmp_path / "ckpt", pretrained)
-  with pytest.raises(ValueError, match=r"1 checkpoint parameter\(s\) not used by the model: "
-                     r"params/aux/kernel"):
+  with pytest.raises(
+    ValueError,
+    match=r"1 checkpoint parameter\(s\) not used by the model: "
+    r"params/aux/kernel",
+  ):
     load_pretrained(tmp_path / "ckpt", make_params())
   loaded = load_pretrained(tmp_path / "ckpt", make_params(), dont_load="params/(head|aux)/.*")
   assert "aux" not in loaded["params"]
@@ -182,12 +206,15 @@ def _corrupt(tmp_path, how):
 
 # Orbax's reader threads may still report to an already closed event loop after a failed read.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.parametrize("how, match", [
+@pytest.mark.parametrize(
+  "how, match",
+  [
     ("no metadata", "not an orbax PyTree checkpoint"),
     ("bad metadata", "cannot read the checkpoint metadata"),
     ("truncated data", "corrupt or partial checkpoint"),
     ("deleted data", "corrupt or partial checkpoint"),
-])
+  ],
+)
 def test_corrupt_checkpoint_errors_name_the_path(tmp_path, how, match):
   path = _corrupt(tmp_path, how)
   with pytest.raises(CheckpointError, match=match) as info:
@@ -196,8 +223,9 @@ def test_corrupt_checkpoint_errors_name_the_path(tmp_path, how, match):
 
 
 def test_missing_or_wrong_paths(tmp_path):
-  with pytest.raises(CheckpointError, match=f"no checkpoint at {tmp_path / 'nope'}: the path "
-                     "does not exist"):
+  with pytest.raises(
+    CheckpointError, match=f"no checkpoint at {tmp_path / 'nope'}: the path does not exist"
+  ):
     load_pretrained(tmp_path / "nope", make_params())
   (tmp_path / "file").write_text("x")
   with pytest.raises(CheckpointError, match="not a directory"):
@@ -211,8 +239,9 @@ def test_missing_or_wrong_paths(tmp_path):
 def _mesh_sharding(leaf):
   """Shard the last axis over 8 devices where it divides, else replicate."""
   mesh = jax.make_mesh((8,), ("d",), devices=jax.devices()[:8])
-  spec = PartitionSpec(*([None] * (leaf.ndim - 1)), "d") if leaf.shape[-1] % 8 == 0 \
-      else PartitionSpec()
+  spec = (
+    PartitionSpec(*([None] * (leaf.ndim - 1)), "d") if leaf.shape[-1] % 8 == 0 else PartitionSpec()
+  )
   return NamedSharding(mesh, spec)
 
 
@@ -244,6 +273,7 @@ def test_checkpoint_from_one_device_loads_onto_8(tmp_path):
   for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(init)):
     assert got.sharding == want.sharding
   # An abstract init (no allocation) with shardings is a valid target too.
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          init)
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), init
+  )
   assert_trees_equal(load_pretrained(tmp_path / "ckpt", abstract, dont_load=()), params)

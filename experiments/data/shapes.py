@@ -30,8 +30,8 @@ Configs:
   and something to lose out of distribution.
 * ``same_classes`` (the first version, ``default`` in 1.0.0, kept as a
   variant): pre-training on the same ten classes in all four domains; its
-  pre-trained model is already the best OOD point (README, "Benchmark
-  history").
+  pre-trained model is already the best OOD point (docs/experiments.md,
+  "Benchmark history").
 * ``tiny``: a few dozen images per split, for tests.
 
 Each (split kind, domain) cell is rendered from

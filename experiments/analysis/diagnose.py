@@ -32,6 +32,10 @@ lives in its own directory (all its checkpoints are kept) and is reused when
 run again. ``--config.diagnose.method=tpgm`` measures the same quantities
 along TPGM's own run, at its projected iterates: the radius gradient there is
 (up to the clip of the ratio) the signal TPGM's radius updates follow.
+
+:func:`measure` and :func:`summarise` compute (plain dicts and lists: the JSON);
+:func:`markdown` presents that dict and the figure is
+:func:`experiments.analysis.plots.radius_signal`.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from ml_collections import ConfigDict
 
 import tpgm_jax
 from experiments import environment, runner
+from experiments.analysis import plots, tables
 from experiments.plan import make_plan
 from experiments.training import checkpointing, distributed, loop
 from experiments.types import PyTree
@@ -86,7 +91,8 @@ def signals(loss_fn, params: PyTree, anchor: PyTree, mask: PyTree, train_batches
   of the mean gradients ``()``; and the mean training and held-out losses. Batches are
   stacked on a leading axis of length K."""
   grads = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0))
-  (l_train, g_train), (l_held, g_held) = grads(params, train_batches), grads(params, heldout_batches)
+  (l_train, g_train), (l_held, g_held) = (grads(params, train_batches),
+                                          grads(params, heldout_batches))
   out = {"h_heldout": [], "h_train": [], "cos_batch": [], "cos_mean": [],
          "train_loss": l_train.mean(), "heldout_loss": l_held.mean()}
   # flatten_up_to keeps the MaskedNode placeholders of a method's anchor aligned.
@@ -148,7 +154,8 @@ def summarise(steps: list[int], paths: list[str], order: list[str],
   """Per tensor (in depth order) and overall statistics of the measured signals."""
   ranked = sorted(range(len(paths)), key=lambda i: order.index(paths[i]))
   losses = {key: [float(r.pop(key)) for r in rows] for key in ("train_loss", "heldout_loss")}
-  arr = {key: np.stack([np.stack(r[key]) for r in rows]) for key in rows[0]}  # (steps, tensors, ...)
+  # (steps, tensors, ...)
+  arr = {key: np.stack([np.stack(r[key]) for r in rows]) for key in rows[0]}
   h = arr["h_heldout"]  # (steps, tensors, K)
   snr = np.abs(h.mean(-1)) / (h.std(-1) + EPS)  # (steps, tensors)
   per_tensor = [{
@@ -179,76 +186,25 @@ def summarise(steps: list[int], paths: list[str], order: list[str],
 
 
 def markdown(result: dict[str, Any]) -> str:
-  """The summary table and the per-tensor table."""
+  """The diagnostic in Markdown (from :func:`summarise`'s dict): the summary table by phase,
+  the held-out loss along the run and the per-tensor table."""
   info = result["info"]
-  lines = [f"Radius-signal diagnostic along a {info['method']} run: checkpoints every "
-           f"{info['every']} steps ({len(result['steps'])}), {info['batches']} held-out and "
-           f"{info['batches']} training batches of {info['batch_size']} each.", "",
-           "| phase | held-out radius grad > 0 (shrink) | SNR (median) | cos(train, held-out) "
-           "one batch | cos of the batch means | training radius grad > 0 |",
-           "|---|---:|---:|---:|---:|---:|"]
-  for phase, o in result["overall"].items():
-    lines.append(f"| {phase.replace('_', ' ')} | {100 * o['shrink_frequency']:.0f} % | "
-                 f"{o['snr_median']:.2f} | {o['cos_batch']:.3f} | {o['cos_mean']:.3f} | "
-                 f"{100 * o['train_shrink_frequency']:.0f} % |")
+  phases = tables.markdown_table(
+      ["phase", "held-out radius grad > 0 (shrink)", "SNR (median)",
+       "cos(train, held-out) one batch", "cos of the batch means", "training radius grad > 0"],
+      [[phase.replace("_", " "), tables.percent(o["shrink_frequency"]), f"{o['snr_median']:.2f}",
+        f"{o['cos_batch']:.3f}", f"{o['cos_mean']:.3f}",
+        tables.percent(o["train_shrink_frequency"])] for phase, o in result["overall"].items()])
+  tensors = tables.markdown_table(
+      ["tensor (by depth)", "shrink", "SNR", "cos one batch", "cos means"],
+      [[t["path"], tables.percent(t["shrink_frequency"]), f"{t['snr_median']:.2f}",
+        f"{t['cos_batch']:.3f}", f"{t['cos_mean']:.3f}"] for t in result["per_tensor"]])
   losses = ", ".join(f"{r['step']}: {r['heldout_loss']:.3f}" for r in result["per_step"])
-  lines += ["", f"Held-out loss along the run (step: loss): {losses}."]
-  lines += ["", "| tensor (by depth) | shrink | SNR | cos one batch | cos means |",
-            "|---|---:|---:|---:|---:|"]
-  for t in result["per_tensor"]:
-    lines.append(f"| {t['path']} | {100 * t['shrink_frequency']:.0f} % | {t['snr_median']:.2f} "
-                 f"| {t['cos_batch']:.3f} | {t['cos_mean']:.3f} |")
-  return "\n".join(lines)
-
-
-def plot(result: dict[str, Any], path) -> None:
-  """Shrink frequency and gradient cosines by depth and along training."""
-  import matplotlib  # noqa: PLC0415
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
-
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
-  tensors = result["per_tensor"]
-  x = np.arange(len(tensors))
-  ax1.axhline(50, color="grey", lw=0.8, ls=":")
-  ax1.bar(x, [100 * t["shrink_frequency"] for t in tensors], color="tab:red", alpha=0.7,
-          label="held-out radius gradient > 0 (shrink), %")
-  ax1b = ax1.twinx()
-  ax1b.axhline(0, color="grey", lw=0.8)
-  ax1b.plot(x, [t["cos_batch"] for t in tensors], "o-", color="tab:blue", ms=3,
-            label="cos(train, held-out), one batch")
-  ax1b.plot(x, [t["cos_mean"] for t in tensors], "s-", color="tab:green", ms=3,
-            label="cos of the batch means")
-  ax1.set_xticks(x, [t["path"].removesuffix("/kernel") for t in tensors], rotation=90, fontsize=6)
-  ax1.set_ylim(0, 100)
-  ax1b.set_ylim(-1, 1)
-  ax1.set_ylabel("shrink frequency (%)")
-  ax1b.set_ylabel("cosine")
-  ax1.set_title("per tensor, input (left) to output (right)")
-  h1, l1 = ax1.get_legend_handles_labels()
-  h2, l2 = ax1b.get_legend_handles_labels()
-  ax1.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left")
-  steps = [r["step"] for r in result["per_step"]]
-  ax2.plot(steps, [100 * r["shrink_frequency"] for r in result["per_step"]], "o-",
-           color="tab:red", label="shrink frequency (%)")
-  ax2.axhline(50, color="grey", lw=0.8, ls=":")
-  ax2.set_xlabel("FT step")
-  ax2.set_ylabel("shrink frequency (%)")
-  ax2.set_ylim(0, 100)
-  ax2c = ax2.twinx()
-  ax2c.plot(steps, [r["cos_batch"] for r in result["per_step"]], "o-", color="tab:blue",
-            label="cos, one batch")
-  ax2c.plot(steps, [r["cos_mean"] for r in result["per_step"]], "s-", color="tab:green",
-            label="cos, batch means")
-  ax2c.set_ylim(-1, 1)
-  ax2c.axhline(0, color="grey", lw=0.8)
-  h1, l1 = ax2.get_legend_handles_labels()
-  h2, l2 = ax2c.get_legend_handles_labels()
-  ax2.legend(h1 + h2, l1 + l2, fontsize=7)
-  ax2.set_title("along fine-tuning (mean over tensors)")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  return "\n".join([
+      f"Radius-signal diagnostic along a {info['method']} run: checkpoints every "
+      f"{info['every']} steps ({len(result['steps'])}), {info['batches']} held-out and "
+      f"{info['batches']} training batches of {info['batch_size']} each.", "",
+      phases, "", f"Held-out loss along the run (step: loss): {losses}.", "", tensors])
 
 
 def diagnose(config: ConfigDict, workdir: str) -> tuple[dict[str, Any], str]:
@@ -261,5 +217,5 @@ def diagnose(config: ConfigDict, workdir: str) -> tuple[dict[str, Any], str]:
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     stem.with_suffix(".md").write_text(text + "\n")
-    plot(result, stem.with_suffix(".png"))
+    plots.radius_signal(stem.with_suffix(".png"), result["per_tensor"], result["per_step"])
   return result, text

@@ -1,4 +1,8 @@
-"""Results as JSON and a Markdown table, and the radii plot of the TPGM runs.
+"""The main job's write-up: ``results.json``, ``results.md`` and ``radii.png``.
+
+Computing and presenting are apart: :func:`report_data` turns the evaluations into the
+plain dict written as ``results.json``; :func:`render` writes ``results.md`` from that
+dict alone; the radii figure is :func:`experiments.analysis.plots.radii_by_layer`.
 
 ``results`` maps a row name (a method or a variant such as ``wise_ft_0.5``) to
 ``{split name: accuracy %}`` with ``test`` the ID test split; the OOD mean is
@@ -12,13 +16,16 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from etils import epath
 
+from experiments.analysis import plots, tables
+
 OOD_MEAN = "ood_mean"
+_COLUMN_NAMES = {"val": "val (ID)", "test": "ID test", OOD_MEAN: "OOD mean"}
 
 
 def with_ood_mean(results: Mapping[str, Mapping[str, float]],
@@ -28,22 +35,28 @@ def with_ood_mean(results: Mapping[str, Mapping[str, float]],
           for row, accs in results.items()}
 
 
-def markdown_table(results: Mapping[str, Mapping[str, float]], ood: Sequence[str]) -> str:
-  """A Markdown table: method, val, ID test, each OOD split, OOD mean."""
-  rows = with_ood_mean(results, ood)
+def report_data(results: Mapping[str, Mapping[str, float]], ood: Sequence[str],
+                info: Mapping[str, Any] | None = None, notes: Sequence[str] = ()
+                ) -> dict[str, Any]:
+  """What ``results.json`` holds: ``{"results": rows with the OOD mean, "ood", "info",
+  "notes"}`` (``notes``: paragraphs ``results.md`` ends with)."""
+  return {"results": with_ood_mean(results, ood), "ood": list(ood), "info": dict(info or {}),
+          "notes": list(notes)}
+
+
+def results_table(rows: Mapping[str, Mapping[str, Any]], ood: Sequence[str],
+                  cell: Callable[[Any], str] = lambda v: f"{v:.1f}") -> str:
+  """A Markdown table: method, val, ID test, each OOD split, OOD mean (blank where a row
+  lacks a split); ``cell`` formats a value (the study's are ``(mean, std)``)."""
   cols = ["val", "test", *ood, OOD_MEAN]
-  names = {"val": "val (ID)", "test": "ID test", OOD_MEAN: "OOD mean"}
-  lines = ["| method | " + " | ".join(names.get(c, c) for c in cols) + " |",
-           "|---|" + "---:|" * len(cols)]
-  for row, accs in rows.items():
-    lines.append(f"| {row} | " + " | ".join(
-        f"{accs[c]:.1f}" if c in accs else "" for c in cols) + " |")
-  return "\n".join(lines)
+  return tables.markdown_table(
+      ["method", *(_COLUMN_NAMES.get(c, c) for c in cols)],
+      [[row, *(cell(accs[c]) if c in accs else "" for c in cols)] for row, accs in rows.items()])
 
 
-def summary(results: Mapping[str, Mapping[str, float]], ood: Sequence[str]) -> list[str]:
-  """Sentences comparing FT with LP and WiSE-FT (the robustness problem) and the robust methods."""
-  rows = with_ood_mean(results, ood)
+def summary(rows: Mapping[str, Mapping[str, float]]) -> list[str]:
+  """Sentences comparing FT with LP and WiSE-FT (the robustness problem) and the robust
+  methods; ``rows`` include the OOD mean (:func:`with_ood_mean`)."""
   out = []
 
   def delta(a, b, key):
@@ -67,62 +80,24 @@ def summary(results: Mapping[str, Mapping[str, float]], ood: Sequence[str]) -> l
   return out
 
 
+def render(data: Mapping[str, Any]) -> str:
+  """``results.md`` from :func:`report_data`'s dict: the table, the comparisons, the notes."""
+  rows = data["results"]
+  return "\n\n".join([results_table(rows, data["ood"]), "\n".join(summary(rows)),
+                      *data.get("notes", ())]) + "\n"
+
+
 def write(out_dir: str | os.PathLike, results: Mapping[str, Mapping[str, float]],
           ood: Sequence[str], layers: Mapping[str, Mapping[str, Any]] | None = None,
           info: Mapping[str, Any] | None = None,
           notes: Sequence[str] = ()) -> dict[str, epath.Path]:
-  """Writes ``results.json``, ``results.md`` (table, comparisons, ``notes``) and (with TPGM
-  layers) ``radii.png``; returns their paths."""
+  """Writes ``results.json``, then ``results.md`` rendered from it and (with TPGM layers)
+  ``radii.png``; returns their paths."""
   out_dir = epath.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  rows = with_ood_mean(results, ood)
   paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md"}
-  paths["json"].write_text(json.dumps(
-      {"results": rows, "ood": list(ood), "info": dict(info or {})}, indent=1))
-  text = "\n\n".join([markdown_table(results, ood), "\n".join(summary(results, ood)),
-                      *notes]) + "\n"
-  paths["markdown"].write_text(text)
+  paths["json"].write_text(json.dumps(report_data(results, ood, info, notes), indent=1))
+  paths["markdown"].write_text(render(json.loads(paths["json"].read_text())))
   if layers and any(v.get("radius") is not None for v in layers.values()):
-    paths["plot"] = plot_radii(out_dir / "radii.png", layers)
+    paths["plot"] = plots.radii_by_layer(out_dir / "radii.png", layers)
   return paths
-
-
-def plot_radii(path: str | os.PathLike, layers: Mapping[str, Mapping[str, Any]]) -> epath.Path:
-  """One panel per TPGM run: learned radius and distance to the anchor per layer, by depth.
-
-  Layers are drawn in the order of ``paths`` (depth order, see
-  ``experiments.run.depth_order``). Runs without radii (e.g. FT) are drawn in
-  every panel as a reference distance.
-  """
-  import matplotlib  # noqa: PLC0415 (only needed here)
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
-
-  tpgm = [r for r, v in layers.items() if v.get("radius") is not None]
-  refs = [r for r, v in layers.items() if v.get("radius") is None]
-  fig, axes = plt.subplots(len(tpgm), 1, figsize=(10, 3.6 * len(tpgm)), squeeze=False)
-  for ax, run in zip(axes[:, 0], tpgm):
-    info = layers[run]
-    order = np.arange(len(info["paths"]))
-    x = order
-    floor = 1e-8
-    ax.plot(x, np.maximum(np.asarray(info["radius"])[order], floor), "o-", ms=3,
-            label=f"{run}: learned radius")
-    ax.plot(x, np.maximum(np.asarray(info["distance"])[order], floor), "s--", ms=3,
-            label=f"{run}: distance to anchor (max MARS norm)")
-    for ref in refs:
-      dist = dict(zip(layers[ref]["paths"], layers[ref]["distance"]))
-      if all(p in dist for p in info["paths"]):
-        ax.plot(x, np.maximum([dist[info["paths"][i]] for i in order], floor), ":", lw=1,
-                label=f"{ref}: distance to anchor")
-    ax.set_yscale("log")
-    ax.set_xticks(x)
-    ax.set_xticklabels([info["paths"][i] for i in order], rotation=90, fontsize=6)
-    ax.set_ylabel("L1 per output channel")
-    ax.set_title(f"{run}: per-layer radii by depth")
-    ax.legend(fontsize=7)
-  fig.tight_layout()
-  path = epath.Path(path)
-  fig.savefig(os.fspath(path), dpi=110)
-  plt.close(fig)
-  return path

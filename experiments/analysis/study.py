@@ -13,10 +13,13 @@
 3. **the radius-signal diagnostic** (:mod:`experiments.analysis.diagnose`) along the runs of
    ``study.diagnose`` (FT and TPGM);
 
-and writes ``<out>/RESULTS.md`` (the tables, the premise checks, the verdict),
-``<out>/results/study.json`` and the plots ``<out>/results/*.png``. Every run is
-cached in its own directory (named by a hash of its configuration), so running the
-command again only redoes what changed; an interrupted study resumes.
+and writes ``<out>/results/study.json`` (:func:`study_data`: every number, and the few
+config values the write-up names), then, from that file alone (:func:`render_results`),
+``<out>/RESULTS.md`` (:func:`render`: the tables, the premise checks, the verdict) and the
+plots ``<out>/results/*.png`` (:func:`render_figures`). Every run is cached in its own
+directory (named by a hash of its configuration), so running the command again only redoes
+what changed; an interrupted study resumes. ``--config.study.render_only=True`` only
+re-renders RESULTS.md and the plots from ``<out>/results/study.json``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -34,7 +38,7 @@ from etils import epath
 from ml_collections import ConfigDict
 
 from experiments import environment, runner
-from experiments.analysis import diagnose, report
+from experiments.analysis import diagnose, plots, report, tables
 from experiments.environment import Environment
 from experiments.plan import Plan, make_plan, run_order, with_fields
 
@@ -210,93 +214,30 @@ def tightness(layers: dict[str, dict[str, Any]], rows: list[str]) -> dict[str, d
   return out
 
 
-def plot_id_vs_ood(path, agg, highlight: list[str], wise_label: str = "WiSE-FT") -> None:
-  """ID test vs OOD mean: the WiSE-FT curve over alpha and every method with std bars,
-  each labelled beside its point."""
-  import matplotlib  # noqa: PLC0415
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
-
-  fig, ax = plt.subplots(figsize=(8, 6))
-  curve = _wise_curve(agg)
-  if curve:
-    xs = [agg[r]["test"][0] for _, r in curve]
-    ys = [agg[r][OOD_MEAN][0] for _, r in curve]
-    ax.plot(xs, ys, "-", color="grey", lw=1.5, zorder=1, label=wise_label)
-    for (alpha, r), x, y in zip(curve, xs, ys):
-      ax.annotate(f"{alpha:g}", (x, y), fontsize=7, color="grey", xytext=(3, 3),
-                  textcoords="offset points")
-  if "ft" in agg:
-    ft_id, ft_ood = agg["ft"]["test"][0], agg["ft"][OOD_MEAN][0]
-    ax.fill_between([ft_id - 1, 100], 1.15 * ft_ood, 100, color="tab:green", alpha=0.08,
-                    label="TPGM's promise: OOD >= 1.15 x FT at ID >= FT - 1")
-  rows = [r for r in agg if not r.startswith("wise_ft")]
-  # tab20's dark shades first, then its light ones: up to 20 rows in distinct colours.
-  colors = [plt.get_cmap("tab20")(i) for i in (*range(0, 20, 2), *range(1, 20, 2))]
-  markers = "osD^v<>pP*Xhd"
-  for i, row in enumerate(rows):
-    v = agg[row]
-    strong = row in highlight or row in ("ft", "lp")
-    ax.errorbar(v["test"][0], v[OOD_MEAN][0], xerr=v["test"][1], yerr=v[OOD_MEAN][1],
-                fmt=markers[i % len(markers)], color=colors[i % len(colors)],
-                ms=8 if strong else 6, capsize=3, label=row, zorder=3 if strong else 2)
-    ax.annotate(row, (v["test"][0], v[OOD_MEAN][0]), fontsize=7, color=colors[i % len(colors)],
-                xytext=(6, -10 if i % 2 else 5), textcoords="offset points")
-  xs = [v["test"][0] for v in agg.values()]
-  ys = [v[OOD_MEAN][0] for v in agg.values()]
-  ax.set_xlim(min(xs) - 3, max(xs) + 3)
-  ax.set_ylim(min(ys) - 5, max(ys) + 5)
-  ax.set_xlabel("ID test accuracy (%)")
-  ax.set_ylabel("OOD mean accuracy (%)")
-  ax.set_title("In-distribution vs out-of-distribution (mean +- std over seeds)")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7, loc="best", ncol=2)
-  fig.tight_layout()
-  fig.savefig(path, dpi=130)
-  plt.close(fig)
+def config_values(config: ConfigDict) -> dict[str, Any]:
+  """The config values the write-up names: the selection seed, the seeds (the first is
+  the one of the layer analysis) and WiSE-FT's two end points (None without WiSE-FT)."""
+  wise = config.get("wise_ft")
+  return {"select_seed": config.study.select_seed, "seeds": list(config.study.seeds),
+          "wise_ft": {"base": wise.base, "source": wise.source} if wise else None}
 
 
-def plot_depth(path, layers, radii_rows: list[str], ratios: dict[str, dict[str, Any]]) -> None:
-  """Weight tensors in depth order. Left: the learned radii against FT's distance to
-  the anchor; right: every constrained run's distance relative to FT's (a heat map)."""
-  import matplotlib  # noqa: PLC0415
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
-  from matplotlib.colors import TwoSlopeNorm  # noqa: PLC0415
+def study_data(config: ConfigDict, agg: Mapping[str, Mapping[str, tuple[float, float]]],
+               ood: list[str], selection: list[dict[str, Any]], diags: dict[str, Any],
+               ratios: dict[str, dict[str, Any]], layers: dict[str, dict[str, Any]] | None,
+               info: dict[str, Any]) -> dict[str, Any]:
+  """What ``results/study.json`` holds, and all that :func:`render` and
+  :func:`render_figures` read.
 
-  paths = _weights(layers["ft"]["paths"])
-  x = np.arange(len(paths))
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 5.5), gridspec_kw={"width_ratios": [1, 1.25]})
-  on_paths = lambda row, key: np.array(  # noqa: E731
-      [dict(zip(layers[row]["paths"], layers[row][key])).get(p, np.nan) for p in paths])
-  ax1.plot(x, on_paths("ft", "distance"), "k--", lw=2, label="FT: distance to pre-trained")
-  for row in radii_rows:
-    if row in layers and layers[row]["radius"] is not None:
-      ax1.plot(x, np.maximum(on_paths(row, "radius"), 1e-5), "o-", ms=3, lw=1.2,
-               label=f"{row}: radius")
-  ax1.set_yscale("log")
-  ax1.set_ylim(bottom=1e-5)
-  ax1.set_ylabel("max per-channel L1 (MARS); radii at the 1e-8 floor drawn at 1e-5")
-  ax1.set_title("learned radii vs FT's distance, weight tensors by depth (seed 0)")
-  ax1.set_xticks(x, [p.removesuffix("/kernel") for p in paths], rotation=90, fontsize=7)
-  ax1.grid(alpha=0.3)
-  ax1.legend(fontsize=7)
-  rows = list(ratios)
-  grid = np.array([[dict(zip(ratios[r]["paths"], ratios[r]["ratio"])).get(p, np.nan)
-                    for p in paths] for r in rows])
-  logs = np.log10(np.clip(grid, 1e-4, 1e2))
-  im = ax2.imshow(logs, aspect="auto", cmap="RdBu_r",
-                  norm=TwoSlopeNorm(vcenter=0.0, vmin=-4, vmax=max(1.0, np.nanmax(logs))))
-  for (i, j), v in np.ndenumerate(grid):
-    if np.isfinite(v):
-      ax2.text(j, i, f"{v:.2f}" if v >= 0.01 else "<.01", ha="center", va="center", fontsize=5)
-  ax2.set_yticks(range(len(rows)), rows, fontsize=8)
-  ax2.set_xticks(x, [p.removesuffix("/kernel") for p in paths], rotation=90, fontsize=7)
-  ax2.set_title("distance to pre-trained / FT's distance (input left, output right; seed 0)")
-  fig.colorbar(im, ax=ax2, label="log10 of the ratio (blue: held tighter than FT)")
-  fig.tight_layout()
-  fig.savefig(path, dpi=130)
-  plt.close(fig)
+  Keys: ``results`` (row -> split -> ``[mean, std]``, :func:`aggregate`), ``ood``,
+  ``selection`` (:func:`select`), ``diagnose`` (method -> :func:`diagnose.summarise`'s
+  dict), ``depth`` (:func:`tightness`), ``info`` (seeds, run counts and times, machine,
+  ID split), ``config`` (:func:`config_values`) and ``layers`` (the first seed's per-layer
+  summaries, :func:`runner.layer_summary`).
+  """
+  return {"results": {r: {k: list(v) for k, v in accs.items()} for r, accs in agg.items()},
+          "ood": list(ood), "selection": selection, "diagnose": diags, "depth": ratios,
+          "info": info, "config": config_values(config), "layers": layers}
 
 
 def _run_time(info: dict[str, Any]) -> str:
@@ -308,55 +249,63 @@ def _run_time(info: dict[str, Any]) -> str:
                              if missing else ")"))
 
 
-def _fmt(v: tuple[float, float]) -> str:
-  return f"{v[0]:.1f} ± {v[1]:.1f}"
+def _intro(data: Mapping[str, Any]) -> str:
+  info = data["info"]
+  return (
+      f"Generated by `python -m experiments.study` ({info['seeds']} seeds) on "
+      f"{info['machine']}: {_run_time(info)}, and {info['diagnose_min']:.0f} min of diagnostics "
+      f"(this invocation's wall time: {info['wall_min']:.0f} min; finished runs are reused). "
+      "Accuracy in %, mean ± std over seeds; "
+      f"ID = {info['id']}, OOD = {', '.join(data['ood'])}; val (model and hyper-parameter "
+      "selection) and held-out (TPGM's radii) are disjoint ID splits. The pre-trained model is "
+      "the same for every seed; seeds change the head initialisation and the data order.")
 
 
-def write(out: epath.Path, config: ConfigDict, agg, ood: list[str], selection, diags,
-          ratios, info: dict[str, Any]) -> epath.Path:
-  """RESULTS.md, results/study.json and the ID-vs-OOD plot (the others are drawn by
-  :func:`study`)."""
-  figs = out / "results"
-  figs.mkdir(parents=True, exist_ok=True)
-  tpgm_rows = [r for r in agg if r.startswith("tpgm")]
-  wise = config.get("wise_ft")
-  plot_id_vs_ood(os.fspath(figs / "id_vs_ood.png"), agg, tpgm_rows,
-                 f"WiSE-FT: alpha 0 ({wise.base}) .. 1 ({wise.source})" if wise else "WiSE-FT")
-  (figs / "study.json").write_text(json.dumps(
-      {"results": {r: {k: list(v) for k, v in accs.items()} for r, accs in agg.items()},
-       "ood": ood, "selection": selection, "diagnose": diags, "depth": ratios, "info": info},
-      indent=1))
-  cols = ["val", "test", *ood, OOD_MEAN]
-  names = {"val": "val (ID)", "test": "ID test", OOD_MEAN: "OOD mean"}
-  table = ["| method | " + " | ".join(names.get(c, c) for c in cols) + " |",
-           "|---|" + "---:|" * len(cols)]
-  for row, accs in agg.items():
-    table.append(f"| {row} | " + " | ".join(_fmt(accs[c]) for c in cols) + " |")
-  sel = ["| method | field | val accuracy per value (seed {}) | chosen |".format(
-      config.study.select_seed), "|---|---|---|---:|"]
-  for s in selection:
-    scores = ", ".join(f"{v}: {a:.1f}" for v, a in s["scores"].items())
-    sel.append(f"| {s['method']} | `{s['key']}` | {scores} | {s['chosen']} |")
-  depth = [f"| {row} | {r['lower']:.2f} | {r['upper']:.2f} | "
-           f"{'lower' if r['lower'] < r['upper'] else 'upper'} layers held tighter |"
-           for row, r in ratios.items()]
+def _tpgm_rows(agg: Mapping[str, Any]) -> list[str]:
+  return [r for r in agg if r.startswith("tpgm")]
+
+
+def _selection_table(data: Mapping[str, Any]) -> str:
+  seed = data["config"]["select_seed"]
+  return tables.markdown_table(
+      ["method", "field", f"val accuracy per value (seed {seed})", "chosen"],
+      [[s["method"], f"`{s['key']}`", ", ".join(f"{v}: {a:.1f}" for v, a in s["scores"].items()),
+        s["chosen"]] for s in data["selection"]], align="lllr")
+
+
+def _depth_table(ratios: Mapping[str, Mapping[str, Any]]) -> str:
+  return tables.markdown_table(
+      ["run", "lower third", "upper third", ""],
+      [[row, f"{r['lower']:.2f}", f"{r['upper']:.2f}",
+        f"{'lower' if r['lower'] < r['upper'] else 'upper'} layers held tighter"]
+       for row, r in ratios.items()], align="lrrl")
+
+
+def _diagnostic_sections(diags: Mapping[str, Any]) -> list[str]:
+  lines = []
+  for method, d in diags.items():
+    lines += [f"### Along {method}", "", diagnose.markdown(d), "",
+              f"![radius signal along {method}](results/diagnose_{method}.png)", ""]
+  return lines
+
+
+def render(data: Mapping[str, Any]) -> str:
+  """RESULTS.md from :func:`study_data`'s dict (as read back from ``study.json``).
+
+  Raises:
+    ValueError: ``data`` has no ``config`` (a ``study.json`` written before it was kept).
+  """
+  if "config" not in data:
+    raise ValueError("study.json has no 'config' entry (select_seed, seeds, wise_ft): it was "
+                     "written by an older version; add those values from the study's config")
+  agg, diags, ratios = data["results"], data["diagnose"], data["depth"]
+  tpgm_rows = _tpgm_rows(agg)
   ft_losses = ([(r["step"], r["heldout_loss"]) for r in diags["ft"]["per_step"]]
                if "ft" in diags else None)
-  diag_text = []
-  for method, d in diags.items():
-    diag_text += [f"### Along {method}", "", diagnose.markdown(d), "",
-                  f"![radius signal along {method}](results/diagnose_{method}.png)", ""]
   text = [
       "# Results of the robust fine-tuning study",
       "",
-      f"Generated by `python -m experiments.study` ({info['seeds']} seeds) on {info['machine']}: "
-      f"{_run_time(info)}, "
-      f"and {info['diagnose_min']:.0f} min of diagnostics (this invocation's wall time: "
-      f"{info['wall_min']:.0f} min; finished runs are reused). Accuracy in %, mean ± std over "
-      "seeds; "
-      f"ID = {info['id']}, OOD = {', '.join(ood)}; val (model and hyper-parameter selection) and "
-      "held-out (TPGM's radii) are disjoint ID splits. The pre-trained model is the same for "
-      "every seed; seeds change the head initialisation and the data order.",
+      _intro(data),
       "",
       "## Verdict",
       "",
@@ -370,38 +319,98 @@ def write(out: epath.Path, config: ConfigDict, agg, ood: list[str], selection, d
       "",
       "## All methods",
       "",
-      *table,
+      report.results_table(agg, data["ood"], cell=tables.mean_std),
       "",
       "## Hyper-parameters selected on ID val",
       "",
       "Every method runs its paper's recipe on the shared optimizer; the fields below were "
       "picked on the ID validation split (never on test or OOD data), in this order.",
       "",
-      *sel,
+      _selection_table(data),
       "",
       "## Can TPGM learn its radii here? (`python -m experiments.diagnose`)",
       "",
-      *diag_text,
+      *_diagnostic_sections(diags),
       "## Which layers are held tightly",
       "",
       "Distance of each weight tensor (convolution / dense kernel; normalisation scales and "
       "biases left out) to the pre-trained weights divided by FT's distance (max "
       "per-channel L1), mean of the lower and upper third of the layers (seed "
-      f"{config.study.seeds[0]}):",
+      f"{data['config']['seeds'][0]}):",
       "",
-      "| run | lower third | upper third | |",
-      "|---|---:|---:|---|",
-      *depth,
+      _depth_table(ratios),
       "",
       "![radii by depth](results/radii_by_depth.png)",
   ]
+  return "\n".join(text) + "\n"
+
+
+def _id_vs_ood_figure(data: Mapping[str, Any], path: epath.Path) -> epath.Path:
+  agg = data["results"]
+  wise = (data.get("config") or {}).get("wise_ft")
+  points = {r: {"id": v["test"], "ood": v[OOD_MEAN]} for r, v in agg.items()
+            if not r.startswith("wise_ft")}
+  curve = [(alpha, agg[r]["test"][0], agg[r][OOD_MEAN][0]) for alpha, r in _wise_curve(agg)]
+  return plots.id_vs_ood(
+      path, points, curve, highlight=[*_tpgm_rows(agg), "ft", "lp"],
+      curve_label=(f"WiSE-FT: alpha 0 ({wise['base']}) .. 1 ({wise['source']})" if wise
+                   else "WiSE-FT"),
+      promise=(agg["ft"]["test"][0], agg["ft"][OOD_MEAN][0]) if "ft" in agg else None)
+
+
+def _depth_figure(data: Mapping[str, Any], path: epath.Path) -> epath.Path:
+  layers, ratios = data["layers"], data["depth"]
+  paths = _weights(layers["ft"]["paths"])
+
+  def on_paths(values: Mapping[str, Any], key: str) -> list[float]:
+    by_path = dict(zip(values["paths"], values[key]))
+    return [by_path.get(p, np.nan) for p in paths]
+
+  radii = {r: on_paths(v, "radius") for r, v in layers.items() if v["radius"] is not None}
+  return plots.weights_by_depth(path, paths, on_paths(layers["ft"], "distance"), radii,
+                                {r: on_paths(v, "ratio") for r, v in ratios.items()},
+                                seed=data["config"]["seeds"][0])
+
+
+def render_figures(data: Mapping[str, Any], out_dir: str | os.PathLike
+                   ) -> tuple[list[epath.Path], list[str]]:
+  """Draws the plots of :func:`study_data`'s dict into ``<out_dir>/results/``.
+
+  Returns:
+    ``(written, skipped)``: the image files and, for each figure whose data ``data``
+    lacks (a ``study.json`` of an older version), a sentence saying so.
+  """
+  figs = epath.Path(out_dir) / "results"
+  figs.mkdir(parents=True, exist_ok=True)
+  written, skipped = [_id_vs_ood_figure(data, figs / "id_vs_ood.png")], []
+  if data.get("layers") and "ft" in data["layers"] and "config" in data:
+    written.append(_depth_figure(data, figs / "radii_by_depth.png"))
+  else:
+    skipped.append("radii_by_depth.png not drawn: study.json lacks the per-layer summaries "
+                   "('layers') or 'config' (an older study.json); the committed image is kept")
+  for method, d in data["diagnose"].items():
+    written.append(plots.radius_signal(figs / f"diagnose_{method}.png", d["per_tensor"],
+                                       d["per_step"]))
+  return written, skipped
+
+
+def render_results(out_dir: str | os.PathLike) -> dict[str, Any]:
+  """Re-renders ``<out_dir>/RESULTS.md`` and the plots from ``<out_dir>/results/study.json``
+  alone (nothing is run); ``{"path": RESULTS.md, "figures": [...], "skipped": [...]}``
+  (see :func:`render_figures`)."""
+  out = epath.Path(out_dir)
+  data = json.loads((out / "results" / "study.json").read_text())
   path = out / "RESULTS.md"
-  path.write_text("\n".join(text) + "\n")
-  return path
+  path.write_text(render(data))
+  figures, skipped = render_figures(data, out)
+  for line in skipped:
+    logging.warning("study: %s", line)
+  return {"path": path, "figures": figures, "skipped": skipped}
 
 
 def study(config: ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs the whole study (see the module docstring); returns what was written."""
+  """Runs the whole study (see the module docstring): writes ``results/study.json``, then
+  RESULTS.md and the plots from it; ``{"results", "path" (RESULTS.md), "info"}``."""
   t0 = time.perf_counter()
   env = environment.setup(_plan(config, workdir))
   seconds: dict[str, float | None] = {}
@@ -417,19 +426,14 @@ def study(config: ConfigDict, workdir: str) -> dict[str, Any]:
   ood = list(env.task.ood)
   agg = aggregate(per_seed, ood)
   out = epath.Path(config.study.out or env.plan.root)
-  figs = out / "results"
-  figs.mkdir(parents=True, exist_ok=True)
   diags = {}
   t_diag = time.perf_counter()
   for method in config.study.diagnose:
     d_cfg = with_fields(config, seed=config.study.seeds[0], **{"diagnose.method": method})
     diags[method] = diagnose.measure(d_cfg, workdir)
-    diagnose.plot(diags[method], os.fspath(figs / f"diagnose_{method}.png"))
   t_diag_s = time.perf_counter() - t_diag  # measuring (+ training its runs if not cached)
   constrained = [r for r in run_order(config) if r not in ("ft", "lp", "lp_ft", "wise_ft")]
   ratios = tightness(layers0, constrained)
-  plot_depth(os.fspath(figs / "radii_by_depth.png"), layers0,
-             [r for r in layers0 if layers0[r]["radius"] is not None], ratios)
   # Each run once (the selection's best value is also seed 0's run); the times are those
   # recorded when the runs were made, so they do not depend on what was cached now.
   timed = [s for s in seconds.values() if s is not None]
@@ -439,5 +443,8 @@ def study(config: ConfigDict, workdir: str) -> dict[str, Any]:
           "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), "
                      f"{jax.device_count()} {jax.default_backend()} device(s)",
           "id": str(env.task.test)}
-  path = write(out, config, agg, ood, selection, diags, ratios, info)
-  return {"results": agg, "path": path, "info": info}
+  (out / "results").mkdir(parents=True, exist_ok=True)
+  (out / "results" / "study.json").write_text(json.dumps(
+      study_data(config, agg, ood, selection, diags, ratios, layers0, info), indent=1))
+  rendered = render_results(out)
+  return {"results": agg, "path": rendered["path"], "info": info}

@@ -31,6 +31,7 @@ def get_config() -> ConfigDict:
   c.study.select_seed = 0
   c.study.diagnose = ("ft", "tpgm")  # runs along which the radius signal is measured
   c.study.out = ""  # "" means <workdir>/<name>; "." writes RESULTS.md and results/ here
+  c.study.render_only = False  # True: only re-render RESULTS.md and plots from study.json
   # (method, config field, values), picked in this order on the ID val split.
   c.study.select = (
       ("ft", "train.optimizer.lr", (0.01, 0.03, 0.1)),

@@ -233,10 +233,11 @@ def test_markdown_table_and_summary():
   results = {"ft": {"val": 90.0, "test": 88.0, "a": 60.0, "b": 70.0},
              "lp": {"val": 80.0, "test": 81.0, "a": 80.0, "b": 90.0},
              "wise_ft_0.5": {"val": 85.0, "test": 85.0, "a": 75.0, "b": 80.0}}
-  table = report.markdown_table(results, ["a", "b"])
+  rows = report.with_ood_mean(results, ["a", "b"])
+  table = report.results_table(rows, ["a", "b"])
   assert table.splitlines()[0] == "| method | val (ID) | ID test | a | b | OOD mean |"
   assert table.splitlines()[2] == "| ft | 90.0 | 88.0 | 60.0 | 70.0 | 65.0 |"
-  lines = report.summary(results, ["a", "b"])
+  lines = report.summary(rows)
   assert lines[0] == "FT loses OOD accuracy against lp: OOD mean -20.0, ID +7.0 points."
   assert lines[-1] == "WiSE-FT alpha selected on val: wise_ft_0.5."
 

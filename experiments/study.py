@@ -18,6 +18,7 @@ def job(config: ConfigDict, workdir: str) -> None:
   import jax  # noqa: PLC0415 (after the runtime is set up)
 
   from experiments.analysis import study  # noqa: PLC0415
+
   if config.study.render_only:  # nothing is run: RESULTS.md and the plots from study.json
     out = study.render_results(config.study.out or f"{workdir}/{config.name}")
     print("\n".join([out["path"].read_text(), *out["skipped"]]))

@@ -66,8 +66,7 @@ def diagnose_config(config: ConfigDict) -> tuple[ConfigDict, str]:
   d = config.diagnose
   section = cfg.get(d.method)
   if section is None or "train" not in section:
-    cfg[d.method] = ConfigDict({**(section.to_dict() if section is not None else {}),
-                                "train": {}})
+    cfg[d.method] = ConfigDict({**(section.to_dict() if section is not None else {}), "train": {}})
   cfg[d.method].train.checkpoint_every = int(d.every)
   cfg[d.method].train.max_to_keep = None  # keep the whole trajectory
   return cfg, d.method
@@ -84,21 +83,40 @@ def _cosine(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.sum(a * b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b) + EPS)
 
 
-def signals(loss_fn, params: PyTree, anchor: PyTree, mask: PyTree, train_batches: PyTree,
-            heldout_batches: PyTree) -> dict[str, Any]:
+def signals(
+  loss_fn,
+  params: PyTree,
+  anchor: PyTree,
+  mask: PyTree,
+  train_batches: PyTree,
+  heldout_batches: PyTree,
+) -> dict[str, Any]:
   """Per constrained tensor (in flattening order): the radius gradients of the held-out
   and training batches (each ``(K,)``), the single-batch cosines ``(K,)`` and the cosine
   of the mean gradients ``()``; and the mean training and held-out losses. Batches are
   stacked on a leading axis of length K."""
   grads = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0))
-  (l_train, g_train), (l_held, g_held) = (grads(params, train_batches),
-                                          grads(params, heldout_batches))
-  out = {"h_heldout": [], "h_train": [], "cos_batch": [], "cos_mean": [],
-         "train_loss": l_train.mean(), "heldout_loss": l_held.mean()}
+  (l_train, g_train), (l_held, g_held) = (
+    grads(params, train_batches),
+    grads(params, heldout_batches),
+  )
+  out = {
+    "h_heldout": [],
+    "h_train": [],
+    "cos_batch": [],
+    "cos_mean": [],
+    "train_loss": l_train.mean(),
+    "heldout_loss": l_held.mean(),
+  }
   # flatten_up_to keeps the MaskedNode placeholders of a method's anchor aligned.
   anchors = jax.tree.structure(params).flatten_up_to(anchor)
-  for w, w0, gt, gh, m in zip(jax.tree.leaves(params), anchors, jax.tree.leaves(g_train),
-                              jax.tree.leaves(g_held), jax.tree.leaves(mask)):
+  for w, w0, gt, gh, m in zip(
+    jax.tree.leaves(params),
+    anchors,
+    jax.tree.leaves(g_train),
+    jax.tree.leaves(g_held),
+    jax.tree.leaves(mask),
+  ):
     if not m:
       continue
     d = w - w0
@@ -123,12 +141,18 @@ def measure(config: ConfigDict, workdir: str) -> dict[str, Any]:
   spec = plan[name]
   runner.train_run(env, plan, spec)  # trains the run, keeping every checkpoint
   built = loop.build_step(env.train_setup(spec))
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        built.abstract_state, built.shardings)
+  target = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+    built.abstract_state,
+    built.shardings,
+  )
   mask = runner.constrained_mask(spec, built.abstract_state["params"])
   order = runner.depth_order(env)
-  paths = [p for p, m in zip(tpgm_jax.leaf_paths(built.abstract_state["params"]),
-                             jax.tree.leaves(mask)) if m]
+  paths = [
+    p
+    for p, m in zip(tpgm_jax.leaf_paths(built.abstract_state["params"]), jax.tree.leaves(mask))
+    if m
+  ]
   k, bs = int(cfg.diagnose.batches), spec.train.batch_size
   train_it = env.batches("train", "diagnose_train", spec.seed, bs, augmented=True)
   held_it = env.batches("heldout", "diagnose_heldout", spec.seed, bs)
@@ -145,12 +169,22 @@ def measure(config: ConfigDict, workdir: str) -> dict[str, Any]:
       logging.info("diagnose: step %d measured", step)
   finally:
     ckpt.close()
-  return summarise(steps, paths, order, rows, {"batches": k, "batch_size": bs,
-                                                "method": name, "every": int(cfg.diagnose.every)})
+  return summarise(
+    steps,
+    paths,
+    order,
+    rows,
+    {"batches": k, "batch_size": bs, "method": name, "every": int(cfg.diagnose.every)},
+  )
 
 
-def summarise(steps: list[int], paths: list[str], order: list[str],
-              rows: list[dict[str, list[np.ndarray]]], info: dict[str, Any]) -> dict[str, Any]:
+def summarise(
+  steps: list[int],
+  paths: list[str],
+  order: list[str],
+  rows: list[dict[str, list[np.ndarray]]],
+  info: dict[str, Any],
+) -> dict[str, Any]:
   """Per tensor (in depth order) and overall statistics of the measured signals."""
   ranked = sorted(range(len(paths)), key=lambda i: order.index(paths[i]))
   losses = {key: [float(r.pop(key)) for r in rows] for key in ("train_loss", "heldout_loss")}
@@ -158,7 +192,8 @@ def summarise(steps: list[int], paths: list[str], order: list[str],
   arr = {key: np.stack([np.stack(r[key]) for r in rows]) for key in rows[0]}
   h = arr["h_heldout"]  # (steps, tensors, K)
   snr = np.abs(h.mean(-1)) / (h.std(-1) + EPS)  # (steps, tensors)
-  per_tensor = [{
+  per_tensor = [
+    {
       "path": paths[i],
       "shrink_frequency": float(np.mean(h[:, i] > 0)),
       "radius_grad_mean": float(h[:, i].mean()),
@@ -166,23 +201,40 @@ def summarise(steps: list[int], paths: list[str], order: list[str],
       "cos_batch": float(arr["cos_batch"][:, i].mean()),
       "cos_mean": float(arr["cos_mean"][:, i].mean()),
       "train_shrink_frequency": float(np.mean(arr["h_train"][:, i] > 0)),
-  } for i in ranked]
+    }
+    for i in ranked
+  ]
   half = len(steps) // 2
   phases = {"all": slice(None), "first_half": slice(0, half), "second_half": slice(half, None)}
-  overall = {phase: {
+  overall = {
+    phase: {
       "shrink_frequency": float(np.mean(h[sl] > 0)),
       "snr_median": float(np.median(snr[sl])),
       "cos_batch": float(np.mean(arr["cos_batch"][sl])),
       "cos_mean": float(np.mean(arr["cos_mean"][sl])),
       "train_shrink_frequency": float(np.mean(arr["h_train"][sl] > 0)),
-  } for phase, sl in phases.items() if len(steps[sl])}
-  per_step = [{"step": s, "shrink_frequency": float(np.mean(h[t] > 0)),
-               "cos_batch": float(np.mean(arr["cos_batch"][t])),
-               "cos_mean": float(np.mean(arr["cos_mean"][t])),
-               "train_loss": losses["train_loss"][t], "heldout_loss": losses["heldout_loss"][t]}
-              for t, s in enumerate(steps)]
-  return {"info": info, "steps": steps, "overall": overall, "per_tensor": per_tensor,
-          "per_step": per_step}
+    }
+    for phase, sl in phases.items()
+    if len(steps[sl])
+  }
+  per_step = [
+    {
+      "step": s,
+      "shrink_frequency": float(np.mean(h[t] > 0)),
+      "cos_batch": float(np.mean(arr["cos_batch"][t])),
+      "cos_mean": float(np.mean(arr["cos_mean"][t])),
+      "train_loss": losses["train_loss"][t],
+      "heldout_loss": losses["heldout_loss"][t],
+    }
+    for t, s in enumerate(steps)
+  ]
+  return {
+    "info": info,
+    "steps": steps,
+    "overall": overall,
+    "per_tensor": per_tensor,
+    "per_step": per_step,
+  }
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -190,21 +242,53 @@ def markdown(result: dict[str, Any]) -> str:
   the held-out loss along the run and the per-tensor table."""
   info = result["info"]
   phases = tables.markdown_table(
-      ["phase", "held-out radius grad > 0 (shrink)", "SNR (median)",
-       "cos(train, held-out) one batch", "cos of the batch means", "training radius grad > 0"],
-      [[phase.replace("_", " "), tables.percent(o["shrink_frequency"]), f"{o['snr_median']:.2f}",
-        f"{o['cos_batch']:.3f}", f"{o['cos_mean']:.3f}",
-        tables.percent(o["train_shrink_frequency"])] for phase, o in result["overall"].items()])
+    [
+      "phase",
+      "held-out radius grad > 0 (shrink)",
+      "SNR (median)",
+      "cos(train, held-out) one batch",
+      "cos of the batch means",
+      "training radius grad > 0",
+    ],
+    [
+      [
+        phase.replace("_", " "),
+        tables.percent(o["shrink_frequency"]),
+        f"{o['snr_median']:.2f}",
+        f"{o['cos_batch']:.3f}",
+        f"{o['cos_mean']:.3f}",
+        tables.percent(o["train_shrink_frequency"]),
+      ]
+      for phase, o in result["overall"].items()
+    ],
+  )
   tensors = tables.markdown_table(
-      ["tensor (by depth)", "shrink", "SNR", "cos one batch", "cos means"],
-      [[t["path"], tables.percent(t["shrink_frequency"]), f"{t['snr_median']:.2f}",
-        f"{t['cos_batch']:.3f}", f"{t['cos_mean']:.3f}"] for t in result["per_tensor"]])
+    ["tensor (by depth)", "shrink", "SNR", "cos one batch", "cos means"],
+    [
+      [
+        t["path"],
+        tables.percent(t["shrink_frequency"]),
+        f"{t['snr_median']:.2f}",
+        f"{t['cos_batch']:.3f}",
+        f"{t['cos_mean']:.3f}",
+      ]
+      for t in result["per_tensor"]
+    ],
+  )
   losses = ", ".join(f"{r['step']}: {r['heldout_loss']:.3f}" for r in result["per_step"])
-  return "\n".join([
+  return "\n".join(
+    [
       f"Radius-signal diagnostic along a {info['method']} run: checkpoints every "
       f"{info['every']} steps ({len(result['steps'])}), {info['batches']} held-out and "
-      f"{info['batches']} training batches of {info['batch_size']} each.", "",
-      phases, "", f"Held-out loss along the run (step: loss): {losses}.", "", tensors])
+      f"{info['batches']} training batches of {info['batch_size']} each.",
+      "",
+      phases,
+      "",
+      f"Held-out loss along the run (step: loss): {losses}.",
+      "",
+      tensors,
+    ]
+  )
 
 
 def diagnose(config: ConfigDict, workdir: str) -> tuple[dict[str, Any], str]:

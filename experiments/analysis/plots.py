@@ -24,9 +24,11 @@ from etils import epath
 def _matplotlib():
   """``(matplotlib, matplotlib.pyplot)`` on the Agg backend (files only, no display)."""
   import matplotlib  # noqa: PLC0415 (only when a figure is drawn)
+
   matplotlib.use("Agg")
   import matplotlib.colors  # noqa: PLC0415
   import matplotlib.pyplot as plt  # noqa: PLC0415
+
   return matplotlib, plt
 
 
@@ -39,8 +41,7 @@ def _save(fig, path: str | os.PathLike, dpi: int) -> epath.Path:
   return path
 
 
-def radii_by_layer(path: str | os.PathLike, layers: Mapping[str, Mapping[str, Any]]
-                   ) -> epath.Path:
+def radii_by_layer(path: str | os.PathLike, layers: Mapping[str, Mapping[str, Any]]) -> epath.Path:
   """One panel per run with radii: learned radius and distance to the anchor per layer.
 
   Args:
@@ -60,15 +61,26 @@ def radii_by_layer(path: str | os.PathLike, layers: Mapping[str, Mapping[str, An
   for ax, run in zip(axes[:, 0], tpgm):
     info = layers[run]
     x = np.arange(len(info["paths"]))
-    ax.plot(x, np.maximum(np.asarray(info["radius"]), floor), "o-", ms=3,
-            label=f"{run}: learned radius")
-    ax.plot(x, np.maximum(np.asarray(info["distance"]), floor), "s--", ms=3,
-            label=f"{run}: distance to anchor (max MARS norm)")
+    ax.plot(
+      x, np.maximum(np.asarray(info["radius"]), floor), "o-", ms=3, label=f"{run}: learned radius"
+    )
+    ax.plot(
+      x,
+      np.maximum(np.asarray(info["distance"]), floor),
+      "s--",
+      ms=3,
+      label=f"{run}: distance to anchor (max MARS norm)",
+    )
     for ref in refs:
       dist = dict(zip(layers[ref]["paths"], layers[ref]["distance"]))
       if all(p in dist for p in info["paths"]):
-        ax.plot(x, np.maximum([dist[p] for p in info["paths"]], floor), ":", lw=1,
-                label=f"{ref}: distance to anchor")
+        ax.plot(
+          x,
+          np.maximum([dist[p] for p in info["paths"]], floor),
+          ":",
+          lw=1,
+          label=f"{ref}: distance to anchor",
+        )
     ax.set_yscale("log")
     ax.set_xticks(x)
     ax.set_xticklabels(info["paths"], rotation=90, fontsize=6)
@@ -78,10 +90,14 @@ def radii_by_layer(path: str | os.PathLike, layers: Mapping[str, Mapping[str, An
   return _save(fig, path, dpi=110)
 
 
-def id_vs_ood(path: str | os.PathLike, points: Mapping[str, Mapping[str, Sequence[float]]],
-              curve: Sequence[tuple[float, float, float]] = (), highlight: Sequence[str] = (),
-              curve_label: str = "WiSE-FT", promise: tuple[float, float] | None = None
-              ) -> epath.Path:
+def id_vs_ood(
+  path: str | os.PathLike,
+  points: Mapping[str, Mapping[str, Sequence[float]]],
+  curve: Sequence[tuple[float, float, float]] = (),
+  highlight: Sequence[str] = (),
+  curve_label: str = "WiSE-FT",
+  promise: tuple[float, float] | None = None,
+) -> epath.Path:
   """ID test vs OOD mean accuracy: every method with std bars, labelled beside its point.
 
   Args:
@@ -101,22 +117,44 @@ def id_vs_ood(path: str | os.PathLike, points: Mapping[str, Mapping[str, Sequenc
     alphas, xs, ys = zip(*curve)
     ax.plot(xs, ys, "-", color="grey", lw=1.5, zorder=1, label=curve_label)
     for alpha, x, y in curve:
-      ax.annotate(f"{alpha:g}", (x, y), fontsize=7, color="grey", xytext=(3, 3),
-                  textcoords="offset points")
+      ax.annotate(
+        f"{alpha:g}", (x, y), fontsize=7, color="grey", xytext=(3, 3), textcoords="offset points"
+      )
   if promise is not None:
-    ax.fill_between([promise[0] - 1, 100], 1.15 * promise[1], 100, color="tab:green",
-                    alpha=0.08, label="TPGM's promise: OOD >= 1.15 x FT at ID >= FT - 1")
+    ax.fill_between(
+      [promise[0] - 1, 100],
+      1.15 * promise[1],
+      100,
+      color="tab:green",
+      alpha=0.08,
+      label="TPGM's promise: OOD >= 1.15 x FT at ID >= FT - 1",
+    )
   # tab20's dark shades first, then its light ones: up to 20 rows in distinct colours.
   colors = [plt.get_cmap("tab20")(i) for i in (*range(0, 20, 2), *range(1, 20, 2))]
   markers = "osD^v<>pP*Xhd"
   for i, (row, v) in enumerate(points.items()):
     strong = row in highlight
     color = colors[i % len(colors)]
-    ax.errorbar(v["id"][0], v["ood"][0], xerr=v["id"][1], yerr=v["ood"][1],
-                fmt=markers[i % len(markers)], color=color, ms=8 if strong else 6, capsize=3,
-                label=row, zorder=3 if strong else 2)
-    ax.annotate(row, (v["id"][0], v["ood"][0]), fontsize=7, color=color,
-                xytext=(6, -10 if i % 2 else 5), textcoords="offset points")
+    ax.errorbar(
+      v["id"][0],
+      v["ood"][0],
+      xerr=v["id"][1],
+      yerr=v["ood"][1],
+      fmt=markers[i % len(markers)],
+      color=color,
+      ms=8 if strong else 6,
+      capsize=3,
+      label=row,
+      zorder=3 if strong else 2,
+    )
+    ax.annotate(
+      row,
+      (v["id"][0], v["ood"][0]),
+      fontsize=7,
+      color=color,
+      xytext=(6, -10 if i % 2 else 5),
+      textcoords="offset points",
+    )
   xs = [v["id"][0] for v in points.values()] + [c[1] for c in curve]
   ys = [v["ood"][0] for v in points.values()] + [c[2] for c in curve]
   ax.set_xlim(min(xs) - 3, max(xs) + 3)
@@ -129,9 +167,14 @@ def id_vs_ood(path: str | os.PathLike, points: Mapping[str, Mapping[str, Sequenc
   return _save(fig, path, dpi=130)
 
 
-def weights_by_depth(path: str | os.PathLike, paths: Sequence[str],
-                     reference: Sequence[float], radii: Mapping[str, Sequence[float]],
-                     ratios: Mapping[str, Sequence[float]], seed: int = 0) -> epath.Path:
+def weights_by_depth(
+  path: str | os.PathLike,
+  paths: Sequence[str],
+  reference: Sequence[float],
+  radii: Mapping[str, Sequence[float]],
+  ratios: Mapping[str, Sequence[float]],
+  seed: int = 0,
+) -> epath.Path:
   """Weight tensors in depth order: learned radii and how far each run moved.
 
   Left: the learned radii of each run against the reference (FT's) distance to the
@@ -154,8 +197,9 @@ def weights_by_depth(path: str | os.PathLike, paths: Sequence[str],
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 5.5), gridspec_kw={"width_ratios": [1, 1.25]})
   ax1.plot(x, np.asarray(reference, float), "k--", lw=2, label="FT: distance to pre-trained")
   for row, radius in radii.items():
-    ax1.plot(x, np.maximum(np.asarray(radius, float), 1e-5), "o-", ms=3, lw=1.2,
-             label=f"{row}: radius")
+    ax1.plot(
+      x, np.maximum(np.asarray(radius, float), 1e-5), "o-", ms=3, lw=1.2, label=f"{row}: radius"
+    )
   ax1.set_yscale("log")
   ax1.set_ylim(bottom=1e-5)
   ax1.set_ylabel("max per-channel L1 (MARS); radii at the 1e-8 floor drawn at 1e-5")
@@ -168,12 +212,15 @@ def weights_by_depth(path: str | os.PathLike, paths: Sequence[str],
     grid = np.array([np.asarray(ratios[r], float) for r in rows]).reshape(len(rows), len(paths))
     logs = np.log10(np.clip(grid, 1e-4, 1e2))
     vmax = max(1.0, np.nanmax(logs)) if np.isfinite(logs).any() else 1.0
-    im = ax2.imshow(logs, aspect="auto", cmap="RdBu_r",
-                    norm=mpl.colors.TwoSlopeNorm(vcenter=0.0, vmin=-4, vmax=vmax))
+    im = ax2.imshow(
+      logs,
+      aspect="auto",
+      cmap="RdBu_r",
+      norm=mpl.colors.TwoSlopeNorm(vcenter=0.0, vmin=-4, vmax=vmax),
+    )
     for (i, j), v in np.ndenumerate(grid):
       if np.isfinite(v):
-        ax2.text(j, i, f"{v:.2f}" if v >= 0.01 else "<.01", ha="center", va="center",
-                 fontsize=5)
+        ax2.text(j, i, f"{v:.2f}" if v >= 0.01 else "<.01", ha="center", va="center", fontsize=5)
     ax2.set_yticks(range(len(rows)), rows, fontsize=8)
     fig.colorbar(im, ax=ax2, label="log10 of the ratio (blue: held tighter than FT)")
   ax2.set_xticks(x, labels, rotation=90, fontsize=7)
@@ -181,8 +228,11 @@ def weights_by_depth(path: str | os.PathLike, paths: Sequence[str],
   return _save(fig, path, dpi=130)
 
 
-def radius_signal(path: str | os.PathLike, per_tensor: Sequence[Mapping[str, Any]],
-                  per_step: Sequence[Mapping[str, Any]]) -> epath.Path:
+def radius_signal(
+  path: str | os.PathLike,
+  per_tensor: Sequence[Mapping[str, Any]],
+  per_step: Sequence[Mapping[str, Any]],
+) -> epath.Path:
   """The radius-signal diagnostic: shrink frequency and gradient cosines.
 
   Left: per tensor in depth order; right: along fine-tuning (mean over tensors).
@@ -200,16 +250,34 @@ def radius_signal(path: str | os.PathLike, per_tensor: Sequence[Mapping[str, Any
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
   x = np.arange(len(per_tensor))
   ax1.axhline(50, color="grey", lw=0.8, ls=":")
-  ax1.bar(x, [100 * t["shrink_frequency"] for t in per_tensor], color="tab:red", alpha=0.7,
-          label="held-out radius gradient > 0 (shrink), %")
+  ax1.bar(
+    x,
+    [100 * t["shrink_frequency"] for t in per_tensor],
+    color="tab:red",
+    alpha=0.7,
+    label="held-out radius gradient > 0 (shrink), %",
+  )
   ax1b = ax1.twinx()
   ax1b.axhline(0, color="grey", lw=0.8)
-  ax1b.plot(x, [t["cos_batch"] for t in per_tensor], "o-", color="tab:blue", ms=3,
-            label="cos(train, held-out), one batch")
-  ax1b.plot(x, [t["cos_mean"] for t in per_tensor], "s-", color="tab:green", ms=3,
-            label="cos of the batch means")
-  ax1.set_xticks(x, [t["path"].removesuffix("/kernel") for t in per_tensor], rotation=90,
-                 fontsize=6)
+  ax1b.plot(
+    x,
+    [t["cos_batch"] for t in per_tensor],
+    "o-",
+    color="tab:blue",
+    ms=3,
+    label="cos(train, held-out), one batch",
+  )
+  ax1b.plot(
+    x,
+    [t["cos_mean"] for t in per_tensor],
+    "s-",
+    color="tab:green",
+    ms=3,
+    label="cos of the batch means",
+  )
+  ax1.set_xticks(
+    x, [t["path"].removesuffix("/kernel") for t in per_tensor], rotation=90, fontsize=6
+  )
   ax1.set_ylim(0, 100)
   ax1b.set_ylim(-1, 1)
   ax1.set_ylabel("shrink frequency (%)")
@@ -219,17 +287,24 @@ def radius_signal(path: str | os.PathLike, per_tensor: Sequence[Mapping[str, Any
   h2, l2 = ax1b.get_legend_handles_labels()
   ax1.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left")
   steps = [r["step"] for r in per_step]
-  ax2.plot(steps, [100 * r["shrink_frequency"] for r in per_step], "o-", color="tab:red",
-           label="shrink frequency (%)")
+  ax2.plot(
+    steps,
+    [100 * r["shrink_frequency"] for r in per_step],
+    "o-",
+    color="tab:red",
+    label="shrink frequency (%)",
+  )
   ax2.axhline(50, color="grey", lw=0.8, ls=":")
   ax2.set_xlabel("FT step")
   ax2.set_ylabel("shrink frequency (%)")
   ax2.set_ylim(0, 100)
   ax2c = ax2.twinx()
-  ax2c.plot(steps, [r["cos_batch"] for r in per_step], "o-", color="tab:blue",
-            label="cos, one batch")
-  ax2c.plot(steps, [r["cos_mean"] for r in per_step], "s-", color="tab:green",
-            label="cos, batch means")
+  ax2c.plot(
+    steps, [r["cos_batch"] for r in per_step], "o-", color="tab:blue", label="cos, one batch"
+  )
+  ax2c.plot(
+    steps, [r["cos_mean"] for r in per_step], "s-", color="tab:green", label="cos, batch means"
+  )
   ax2c.set_ylim(-1, 1)
   ax2c.axhline(0, color="grey", lw=0.8)
   h1, l1 = ax2.get_legend_handles_labels()

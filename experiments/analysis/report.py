@@ -28,30 +28,43 @@ OOD_MEAN = "ood_mean"
 _COLUMN_NAMES = {"val": "val (ID)", "test": "ID test", OOD_MEAN: "OOD mean"}
 
 
-def with_ood_mean(results: Mapping[str, Mapping[str, float]],
-                  ood: Sequence[str]) -> dict[str, dict[str, float]]:
+def with_ood_mean(
+  results: Mapping[str, Mapping[str, float]], ood: Sequence[str]
+) -> dict[str, dict[str, float]]:
   """Each row plus ``ood_mean``, the mean accuracy over the ``ood`` splits."""
-  return {row: {**accs, OOD_MEAN: float(np.mean([accs[d] for d in ood]))}
-          for row, accs in results.items()}
+  return {
+    row: {**accs, OOD_MEAN: float(np.mean([accs[d] for d in ood]))} for row, accs in results.items()
+  }
 
 
-def report_data(results: Mapping[str, Mapping[str, float]], ood: Sequence[str],
-                info: Mapping[str, Any] | None = None, notes: Sequence[str] = ()
-                ) -> dict[str, Any]:
+def report_data(
+  results: Mapping[str, Mapping[str, float]],
+  ood: Sequence[str],
+  info: Mapping[str, Any] | None = None,
+  notes: Sequence[str] = (),
+) -> dict[str, Any]:
   """What ``results.json`` holds: ``{"results": rows with the OOD mean, "ood", "info",
   "notes"}`` (``notes``: paragraphs ``results.md`` ends with)."""
-  return {"results": with_ood_mean(results, ood), "ood": list(ood), "info": dict(info or {}),
-          "notes": list(notes)}
+  return {
+    "results": with_ood_mean(results, ood),
+    "ood": list(ood),
+    "info": dict(info or {}),
+    "notes": list(notes),
+  }
 
 
-def results_table(rows: Mapping[str, Mapping[str, Any]], ood: Sequence[str],
-                  cell: Callable[[Any], str] = lambda v: f"{v:.1f}") -> str:
+def results_table(
+  rows: Mapping[str, Mapping[str, Any]],
+  ood: Sequence[str],
+  cell: Callable[[Any], str] = lambda v: f"{v:.1f}",
+) -> str:
   """A Markdown table: method, val, ID test, each OOD split, OOD mean (blank where a row
   lacks a split); ``cell`` formats a value (the study's are ``(mean, std)``)."""
   cols = ["val", "test", *ood, OOD_MEAN]
   return tables.markdown_table(
-      ["method", *(_COLUMN_NAMES.get(c, c) for c in cols)],
-      [[row, *(cell(accs[c]) if c in accs else "" for c in cols)] for row, accs in rows.items()])
+    ["method", *(_COLUMN_NAMES.get(c, c) for c in cols)],
+    [[row, *(cell(accs[c]) if c in accs else "" for c in cols)] for row, accs in rows.items()],
+  )
 
 
 def summary(rows: Mapping[str, Mapping[str, float]]) -> list[str]:
@@ -67,12 +80,15 @@ def summary(rows: Mapping[str, Mapping[str, float]]) -> list[str]:
       if ref in rows:
         d_ood, d_id = delta("ft", ref, OOD_MEAN), delta("ft", ref, "test")
         verdict = "loses" if d_ood < 0 else "does not lose"
-        out.append(f"FT {verdict} OOD accuracy against {ref}: OOD mean {d_ood:+.1f}, "
-                   f"ID {d_id:+.1f} points.")
+        out.append(
+          f"FT {verdict} OOD accuracy against {ref}: OOD mean {d_ood:+.1f}, ID {d_id:+.1f} points."
+        )
     for row in rows:
       if row not in ("ft", "lp", "pretrained") and not row.startswith("wise_ft"):
-        out.append(f"{row} vs FT: ID {delta(row, 'ft', 'test'):+.1f}, "
-                   f"OOD mean {delta(row, 'ft', OOD_MEAN):+.1f} points.")
+        out.append(
+          f"{row} vs FT: ID {delta(row, 'ft', 'test'):+.1f}, "
+          f"OOD mean {delta(row, 'ft', OOD_MEAN):+.1f} points."
+        )
   wise = [r for r in rows if r.startswith("wise_ft") and "val" in rows[r]]
   if wise:
     best = max(wise, key=lambda r: rows[r]["val"])
@@ -83,14 +99,22 @@ def summary(rows: Mapping[str, Mapping[str, float]]) -> list[str]:
 def render(data: Mapping[str, Any]) -> str:
   """``results.md`` from :func:`report_data`'s dict: the table, the comparisons, the notes."""
   rows = data["results"]
-  return "\n\n".join([results_table(rows, data["ood"]), "\n".join(summary(rows)),
-                      *data.get("notes", ())]) + "\n"
+  return (
+    "\n\n".join(
+      [results_table(rows, data["ood"]), "\n".join(summary(rows)), *data.get("notes", ())]
+    )
+    + "\n"
+  )
 
 
-def write(out_dir: str | os.PathLike, results: Mapping[str, Mapping[str, float]],
-          ood: Sequence[str], layers: Mapping[str, Mapping[str, Any]] | None = None,
-          info: Mapping[str, Any] | None = None,
-          notes: Sequence[str] = ()) -> dict[str, epath.Path]:
+def write(
+  out_dir: str | os.PathLike,
+  results: Mapping[str, Mapping[str, float]],
+  ood: Sequence[str],
+  layers: Mapping[str, Mapping[str, Any]] | None = None,
+  info: Mapping[str, Any] | None = None,
+  notes: Sequence[str] = (),
+) -> dict[str, epath.Path]:
   """Writes ``results.json``, then ``results.md`` rendered from it and (with TPGM layers)
   ``radii.png``; returns their paths."""
   out_dir = epath.Path(out_dir)

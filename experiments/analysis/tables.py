@@ -12,8 +12,9 @@ from typing import Any
 _RULES = {"l": "---", "r": "---:", "c": ":---:"}
 
 
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]],
-                   align: str | None = None) -> str:
+def markdown_table(
+  header: Sequence[str], rows: Iterable[Sequence[Any]], align: str | None = None
+) -> str:
   """A GitHub-flavoured Markdown table, one line per row.
 
   Args:
@@ -40,8 +41,9 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]],
   for r in rows:
     if len(r) != len(header):
       raise ValueError(f"a row has {len(r)} cells for {len(header)} columns: {r}")
-  return "\n".join([_line(header), _line([_RULES[a] for a in align], pad=False),
-                    *(_line(r) for r in rows)])
+  return "\n".join(
+    [_line(header), _line([_RULES[a] for a in align], pad=False), *(_line(r) for r in rows)]
+  )
 
 
 def _line(cells: Sequence[Any], pad: bool = True) -> str:

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
-
-import subprocess
-import sys
 
 from experiments import environment, main, models, plan, pretrain
 from experiments.analysis import report
@@ -22,24 +21,40 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _flags(config, workdir):
-  return [f"--workdir={workdir}",
-          f"--config={os.path.join(os.path.dirname(tiny.__file__), 'tiny.py')}",
-          f"--config.data.data_dir={config.data.data_dir}",
-          f"--config.pretrain.cache_dir={config.pretrain.cache_dir}"]
+  return [
+    f"--workdir={workdir}",
+    f"--config={os.path.join(os.path.dirname(tiny.__file__), 'tiny.py')}",
+    f"--config.data.data_dir={config.data.data_dir}",
+    f"--config.pretrain.cache_dir={config.pretrain.cache_dir}",
+  ]
 
 
 def _command(module, *flags):
-  return subprocess.run([sys.executable, "-m", module, *flags], cwd=ROOT, capture_output=True,
-                        text=True, timeout=600)
+  return subprocess.run(
+    [sys.executable, "-m", module, *flags], cwd=ROOT, capture_output=True, text=True, timeout=600
+  )
 
 
 def test_main_runs_every_method_and_reports(tiny_config, tmp_path, capsys):
   main.job(tiny_config, os.fspath(tmp_path))
   out = capsys.readouterr().out
   rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
-  expected = ["method", "ft", "lp", "lp_ft", "l2sp", "ftp", "spd", "digrap",
-              "mars_pgm", "tpgm",
-              "wise_ft_0.25", "wise_ft_0.5", "wise_ft_0.75", "tpgm_post_hoc"]
+  expected = [
+    "method",
+    "ft",
+    "lp",
+    "lp_ft",
+    "l2sp",
+    "ftp",
+    "spd",
+    "digrap",
+    "mars_pgm",
+    "tpgm",
+    "wise_ft_0.25",
+    "wise_ft_0.5",
+    "wise_ft_0.75",
+    "tpgm_post_hoc",
+  ]
   assert rows == expected
   root = tmp_path / "tiny"
   saved = json.loads((root / "results.json").read_text())
@@ -54,6 +69,7 @@ def test_main_runs_every_method_and_reports(tiny_config, tmp_path, capsys):
 
 def test_diagnose_measures_the_radius_signal(tiny_config, tmp_path, capsys):
   from experiments import diagnose  # noqa: PLC0415
+
   tiny_config.diagnose.every, tiny_config.diagnose.batches = 2, 2
   diagnose.job(tiny_config, os.fspath(tmp_path))
   out = capsys.readouterr().out
@@ -72,7 +88,9 @@ def test_pretrain_job_caches_and_never_overwrites(tiny_config, tmp_path, capsys)
   config.pretrain.cache_dir = ""  # a fresh cache in the workdir
   pretrain.job(config, os.fspath(tmp_path))
   path = capsys.readouterr().out.strip().split(": ", 1)[1]
-  assert path.startswith(os.fspath(tmp_path / "cache" / "pretrained" / "resnet_tiny-shapes_tiny_transfer-"))
+  assert path.startswith(
+    os.fspath(tmp_path / "cache" / "pretrained" / "resnet_tiny-shapes_tiny_transfer-")
+  )
   stamp = os.stat(path).st_mtime_ns
   pretrain.job(config, os.fspath(tmp_path))
   assert capsys.readouterr().out.strip().endswith(path) and os.stat(path).st_mtime_ns == stamp
@@ -84,17 +102,25 @@ def test_pretrain_job_caches_and_never_overwrites(tiny_config, tmp_path, capsys)
 def test_command_line_overrides_and_errors(tiny_config, tmp_path):
   """The command line, end to end: overrides reach the job; a bad flag, an unknown field or a
   config that cannot run is one line on stderr, before anything is built."""
-  done = _command("experiments.pretrain", *_flags(tiny_config, tmp_path),
-                  "--config.methods=ft,tpgm", "--config.train.steps=7")
+  done = _command(
+    "experiments.pretrain",
+    *_flags(tiny_config, tmp_path),
+    "--config.methods=ft,tpgm",
+    "--config.train.steps=7",
+  )
   assert done.returncode == 0, done.stderr
   assert "pre-trained checkpoint: " + os.fspath(tiny_config.pretrain.cache_dir) in done.stdout
   for flags, message in [
-      (["--config.train.no_such_field=1"], "FATAL Flags parsing error: the config has no field "
-       "'no_such_field' (--config overrides given: --config.train.no_such_field=1)"),
-      (["--config.train.steps=ten"], "FATAL Flags parsing error: flag --config.train.steps=ten"),
-      (["--config.train.steps=0"], "error: config.train.steps must be a positive integer, got 0"),
-      (["--config.methods=ft,sgdp"], "error: unknown method 'sgdp'"),
-      (["positional"], "unexpected arguments ['positional']")]:
+    (
+      ["--config.train.no_such_field=1"],
+      "FATAL Flags parsing error: the config has no field "
+      "'no_such_field' (--config overrides given: --config.train.no_such_field=1)",
+    ),
+    (["--config.train.steps=ten"], "FATAL Flags parsing error: flag --config.train.steps=ten"),
+    (["--config.train.steps=0"], "error: config.train.steps must be a positive integer, got 0"),
+    (["--config.methods=ft,sgdp"], "error: unknown method 'sgdp'"),
+    (["positional"], "unexpected arguments ['positional']"),
+  ]:
     done = _command("experiments.main", f"--workdir={tmp_path / 'bad'}", *flags)
     assert done.returncode != 0 and message in done.stderr, (flags, done.stderr)
     assert "Traceback" not in done.stderr, done.stderr
@@ -121,16 +147,22 @@ def test_plan_resolves_methods_dependencies_and_directories(tmp_path):
   assert all(changed[n].hash != resolved[n].hash for n in resolved.names)
 
 
-@pytest.mark.parametrize("key, value, message", [
+@pytest.mark.parametrize(
+  "key, value, message",
+  [
     ("train.steps", -3, "config.train.steps must be a positive integer, got -3"),
     ("train.batch_size", 0, "config.train.batch_size must be a positive integer"),
     ("pretrain.steps", 0, "config.pretrain.steps must be a positive integer"),
     ("data.eval_batch_size", 0, "config.data.eval_batch_size must be a positive integer"),
     ("methods", ("ft", "nope"), "unknown method 'nope'"),
     ("data.task", "mnist", "unknown task 'mnist'"),
-    ("pretrain.checkpoint", "/no/such/dir", "config.pretrain.checkpoint=/no/such/dir does not "
-     "exist"),
-])
+    (
+      "pretrain.checkpoint",
+      "/no/such/dir",
+      "config.pretrain.checkpoint=/no/such/dir does not exist",
+    ),
+  ],
+)
 def test_plan_refuses_configs_that_cannot_run(key, value, message, tmp_path):
   config = plan.with_fields(default.get_config(), **{key: value})
   with pytest.raises(plan.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -145,8 +177,11 @@ def test_plan_refuses_unknown_keys_and_batches_the_mesh_cannot_split(tmp_path):
     plan.make_plan(config, tmp_path)
   config = default.get_config()
   config.train.batch_size = 100
-  with pytest.raises(plan.ConfigError, match="config.train.batch_size=100 cannot be split over "
-                     "the 8 data-parallel devices of config.mesh: use a multiple of 8"):
+  with pytest.raises(
+    plan.ConfigError,
+    match="config.train.batch_size=100 cannot be split over "
+    "the 8 data-parallel devices of config.mesh: use a multiple of 8",
+  ):
     plan.make_plan(config, tmp_path, device_count=8)
   config.mesh.model = 3
   with pytest.raises(plan.ConfigError, match="does not fit 8 devices"):
@@ -161,7 +196,9 @@ def test_plan_refuses_unknown_keys_and_batches_the_mesh_cannot_split(tmp_path):
 
 def test_missing_pretrained_checkpoint_is_explained(tmp_path):
   config = domainnet_resnet50.get_config()
-  with pytest.raises(plan.ConfigError, match="no pre-training split: set config.pretrain.checkpoint"):
+  with pytest.raises(
+    plan.ConfigError, match="no pre-training split: set config.pretrain.checkpoint"
+  ):
     plan.make_plan(config, tmp_path)
   config.pretrain.checkpoint = os.fspath(tmp_path / "nowhere")
   with pytest.raises(plan.ConfigError, match="does not exist"):
@@ -196,18 +233,31 @@ def test_paper_configs_build_and_trace(module, tmp_path):
       continue
     train_cfg = plan.train_config(config, name)
     batch = train_cfg.batch_size = 8
-    built = loop.build_step(loop.TrainSetup(
-        name=name, train=train_cfg, model=model, task=task, mesh=mesh, init=init, data=None,
-        method=method, section=config.get(name)))
+    built = loop.build_step(
+      loop.TrainSetup(
+        name=name,
+        train=train_cfg,
+        model=model,
+        task=task,
+        mesh=mesh,
+        init=init,
+        data=None,
+        method=method,
+        section=config.get(name),
+      )
+    )
     images = jax.ShapeDtypeStruct((batch, size, size, 3), np.uint8)  # normalised on device
     labels = jax.ShapeDtypeStruct((batch,), np.int32)
     heldout = None
     if method.heldout is not None:
       iters = method.heldout(config.get(name))[1]
-      heldout = {"image": jax.ShapeDtypeStruct((batch, iters, size, size, 3), np.uint8),
-                 "label": jax.ShapeDtypeStruct((batch, iters), np.int32)}
-    state, metrics = jax.eval_shape(built.fn, built.abstract_state,
-                                    {"image": images, "label": labels}, heldout)
+      heldout = {
+        "image": jax.ShapeDtypeStruct((batch, iters, size, size, 3), np.uint8),
+        "label": jax.ShapeDtypeStruct((batch, iters), np.int32),
+      }
+    state, metrics = jax.eval_shape(
+      built.fn, built.abstract_state, {"image": images, "label": labels}, heldout
+    )
     assert jax.tree.structure(state) == jax.tree.structure(built.abstract_state)
     assert metrics["loss"].shape == ()
     if name == "tpgm":
@@ -218,8 +268,11 @@ def test_paper_configs_build_and_trace(module, tmp_path):
 def test_constrained_fresh_head_and_bad_normalisation_are_refused():
   config = imagenet_vit_b16.get_config()
   task = plan.get_task(config)
-  with pytest.raises(ValueError, match="constrained includes the 'head' group, but the head is "
-                     "freshly initialised: set config.model.overrides.zero_shot_head"):
+  with pytest.raises(
+    ValueError,
+    match="constrained includes the 'head' group, but the head is "
+    "freshly initialised: set config.model.overrides.zero_shot_head",
+  ):
     environment.model_for(config, task)
   config.train.constrained = ("backbone",)
   assert environment.model_for(config, task).zero_shot_head == ""
@@ -230,9 +283,11 @@ def test_constrained_fresh_head_and_bad_normalisation_are_refused():
 
 
 def test_markdown_table_and_summary():
-  results = {"ft": {"val": 90.0, "test": 88.0, "a": 60.0, "b": 70.0},
-             "lp": {"val": 80.0, "test": 81.0, "a": 80.0, "b": 90.0},
-             "wise_ft_0.5": {"val": 85.0, "test": 85.0, "a": 75.0, "b": 80.0}}
+  results = {
+    "ft": {"val": 90.0, "test": 88.0, "a": 60.0, "b": 70.0},
+    "lp": {"val": 80.0, "test": 81.0, "a": 80.0, "b": 90.0},
+    "wise_ft_0.5": {"val": 85.0, "test": 85.0, "a": 75.0, "b": 80.0},
+  }
   rows = report.with_ood_mean(results, ["a", "b"])
   table = report.results_table(rows, ["a", "b"])
   assert table.splitlines()[0] == "| method | val (ID) | ID test | a | b | OOD mean |"
@@ -245,6 +300,7 @@ def test_markdown_table_and_summary():
 def test_study_selects_runs_seeds_and_writes_results(tiny_config, tmp_path):
   from experiments.analysis import study  # noqa: PLC0415
   from experiments.configs import study as study_config  # noqa: PLC0415
+
   config = study_config.get_config()
   for key in ("data", "model", "pretrain", "train", "tpgm", "tpgm_post_hoc", "shard_min_size"):
     config[key] = tiny_config[key]
@@ -258,13 +314,26 @@ def test_study_selects_runs_seeds_and_writes_results(tiny_config, tmp_path):
   config.study.out = os.fspath(tmp_path / "out")
   out = study.study(config, os.fspath(tmp_path))
   text = (tmp_path / "out" / "RESULTS.md").read_text()
-  for needle in ("## Verdict", "Premise: FT beats LP", "| tpgm |", "`lp.train.optimizer.lr`",
-                 "held-out radius grad > 0 (shrink)", "lower third"):
+  for needle in (
+    "## Verdict",
+    "Premise: FT beats LP",
+    "| tpgm |",
+    "`lp.train.optimizer.lr`",
+    "held-out radius grad > 0 (shrink)",
+    "lower third",
+  ):
     assert needle in text, needle
   saved = json.loads((tmp_path / "out" / "results" / "study.json").read_text())
   assert saved["selection"][0]["chosen"] in (0.05, 0.5)
-  assert set(saved["results"]) >= {"ft", "lp", "tpgm", "wise_ft_0", "wise_ft_0.5", "wise_ft_1",
-                                   "tpgm_post_hoc_l2"}
+  assert set(saved["results"]) >= {
+    "ft",
+    "lp",
+    "tpgm",
+    "wise_ft_0",
+    "wise_ft_0.5",
+    "wise_ft_1",
+    "tpgm_post_hoc_l2",
+  }
   mean, std = saved["results"]["ft"]["test"]
   assert 0 <= mean <= 100 and std >= 0
   assert "### Along tpgm" in text and "FT does not just memorise" in text
@@ -282,16 +351,28 @@ def test_study_selects_runs_seeds_and_writes_results(tiny_config, tmp_path):
 
 def test_study_aggregate_and_verdict():
   from experiments.analysis import study  # noqa: PLC0415
-  seeds = [{"ft": {"val": 90, "test": 90, "a": 40}, "lp": {"val": 80, "test": 80, "a": 60},
-            "tpgm": {"val": 90, "test": 89.5, "a": 50},
-            "wise_ft_0": {"val": 80, "test": 80, "a": 60}, "wise_ft_1": {"val": 90, "test": 90, "a": 40}},
-           {"ft": {"val": 92, "test": 92, "a": 42}, "lp": {"val": 80, "test": 80, "a": 62},
-            "tpgm": {"val": 90, "test": 91.5, "a": 50},
-            "wise_ft_0": {"val": 80, "test": 80, "a": 62}, "wise_ft_1": {"val": 92, "test": 92, "a": 42}}]
+
+  seeds = [
+    {
+      "ft": {"val": 90, "test": 90, "a": 40},
+      "lp": {"val": 80, "test": 80, "a": 60},
+      "tpgm": {"val": 90, "test": 89.5, "a": 50},
+      "wise_ft_0": {"val": 80, "test": 80, "a": 60},
+      "wise_ft_1": {"val": 90, "test": 90, "a": 40},
+    },
+    {
+      "ft": {"val": 92, "test": 92, "a": 42},
+      "lp": {"val": 80, "test": 80, "a": 62},
+      "tpgm": {"val": 90, "test": 91.5, "a": 50},
+      "wise_ft_0": {"val": 80, "test": 80, "a": 62},
+      "wise_ft_1": {"val": 92, "test": 92, "a": 42},
+    },
+  ]
   agg = study.aggregate(seeds, ["a"])
   assert agg["ft"]["test"] == (91.0, 1.0) and agg["ft"]["ood_mean"] == (41.0, 1.0)
   lines = study.verdict(agg, ["tpgm"])
   assert lines[0].startswith("Premise: FT beats LP in-distribution by +11.0 points and loses 20.0")
-  # tpgm: ID 90.5 >= 91 - 1 and OOD 50 >= 1.15 * 41 = 47.15; WiSE-FT (80, 61) .. (91, 41) at 90.5: 41.9.
+  # tpgm: ID 90.5 >= 91 - 1 and OOD 50 >= 1.15 * 41 = 47.15;
+  # WiSE-FT (80, 61) .. (91, 41) at 90.5: 41.9.
   assert "reached" in lines[1] and "NOT" not in lines[1]
   assert "has OOD 41.9: tpgm lies on or above it (+8.1)" in lines[1]

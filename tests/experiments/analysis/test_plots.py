@@ -8,10 +8,14 @@ import os
 from experiments.analysis import plots
 
 PATHS = ["stem/conv/kernel", "block1/conv/kernel", "head/kernel"]
-PER_TENSOR = [{"path": p, "shrink_frequency": f, "cos_batch": c, "cos_mean": 2 * c}
-              for p, f, c in zip(PATHS, (0.2, 0.5, 0.9), (0.1, 0.2, 0.3))]
-PER_STEP = [{"step": s, "shrink_frequency": f, "cos_batch": 0.1, "cos_mean": 0.4}
-            for s, f in ((2, 0.4), (4, 0.6))]
+PER_TENSOR = [
+  {"path": p, "shrink_frequency": f, "cos_batch": c, "cos_mean": 2 * c}
+  for p, f, c in zip(PATHS, (0.2, 0.5, 0.9), (0.1, 0.2, 0.3))
+]
+PER_STEP = [
+  {"step": s, "shrink_frequency": f, "cos_batch": 0.1, "cos_mean": 0.4}
+  for s, f in ((2, 0.4), (4, 0.6))
+]
 
 
 def _drawn(path):
@@ -20,25 +24,40 @@ def _drawn(path):
 
 
 def test_radii_by_layer(tmp_path):
-  layers = {"ft": {"paths": PATHS, "distance": [1.0, 2.0, 3.0], "radius": None},
-            "tpgm": {"paths": PATHS, "distance": [0.1, 0.2, 0.0], "radius": [0.1, 0.3, 1e-9]}}
+  layers = {
+    "ft": {"paths": PATHS, "distance": [1.0, 2.0, 3.0], "radius": None},
+    "tpgm": {"paths": PATHS, "distance": [0.1, 0.2, 0.0], "radius": [0.1, 0.3, 1e-9]},
+  }
   assert _drawn(plots.radii_by_layer(tmp_path / "radii.png", layers))
 
 
 def test_id_vs_ood(tmp_path):
-  points = {"ft": {"id": [95.0, 0.4], "ood": [52.0, 1.2]},
-            "tpgm": {"id": [83.0, 0.5], "ood": [77.0, 0.6]}}
+  points = {
+    "ft": {"id": [95.0, 0.4], "ood": [52.0, 1.2]},
+    "tpgm": {"id": [83.0, 0.5], "ood": [77.0, 0.6]},
+  }
   curve = [(0.0, 80.0, 75.0), (0.5, 86.0, 73.0), (1.0, 93.0, 62.0)]
-  path = plots.id_vs_ood(tmp_path / "id_vs_ood.png", points, curve, highlight=["tpgm"],
-                         curve_label="WiSE-FT: alpha 0 (lp) .. 1 (lp_ft)", promise=(95.0, 52.0))
+  path = plots.id_vs_ood(
+    tmp_path / "id_vs_ood.png",
+    points,
+    curve,
+    highlight=["tpgm"],
+    curve_label="WiSE-FT: alpha 0 (lp) .. 1 (lp_ft)",
+    promise=(95.0, 52.0),
+  )
   assert _drawn(path)
   assert _drawn(plots.id_vs_ood(tmp_path / "points_only.png", points))
 
 
 def test_weights_by_depth(tmp_path):
   path = plots.weights_by_depth(
-      tmp_path / "depth.png", PATHS, [1.0, 2.0, 3.0], {"tpgm": [1e-8, 0.5, 1.0]},
-      {"tpgm": [0.001, 0.5, math.nan], "l2sp": [0.9, 1.1, 3.0]}, seed=0)
+    tmp_path / "depth.png",
+    PATHS,
+    [1.0, 2.0, 3.0],
+    {"tpgm": [1e-8, 0.5, 1.0]},
+    {"tpgm": [0.001, 0.5, math.nan], "l2sp": [0.9, 1.1, 3.0]},
+    seed=0,
+  )
   assert _drawn(path)
   # No constrained run besides the reference: an empty heat map.
   assert _drawn(plots.weights_by_depth(tmp_path / "empty.png", PATHS, [1.0, 2.0, 3.0], {}, {}))

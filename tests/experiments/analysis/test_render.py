@@ -12,8 +12,7 @@ import pytest
 
 from experiments.analysis import report, study
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 STUDY_JSON = os.path.join(ROOT, "results", "study.json")
 RESULTS_MD = os.path.join(ROOT, "RESULTS.md")
 
@@ -55,8 +54,10 @@ def test_render_figures_draws_the_depth_figure_from_the_layers(tmp_path):
   data = _committed()
   paths = data["depth"]["tpgm"]["paths"]
   n = len(paths)
-  data["layers"] = {"ft": {"paths": paths, "distance": [1.0] * n, "radius": None},
-                    "tpgm": {"paths": paths, "distance": [0.1] * n, "radius": [0.2] * n}}
+  data["layers"] = {
+    "ft": {"paths": paths, "distance": [1.0] * n, "radius": None},
+    "tpgm": {"paths": paths, "distance": [0.1] * n, "radius": [0.2] * n},
+  }
   data["diagnose"] = {}
   written, skipped = study.render_figures(data, tmp_path)
   assert skipped == []
@@ -78,26 +79,32 @@ def test_study_data_round_trips_through_json():
   class Config(dict):  # the three config values study_data reads
     __getattr__ = dict.__getitem__
 
-  config = Config(study=Config(select_seed=0, seeds=(0, 1, 2)),
-                  wise_ft=Config(base="lp", source="lp_ft"))
-  again = study.study_data(config, agg, data["ood"], data["selection"], data["diagnose"],
-                           data["depth"], None, data["info"])
+  config = Config(
+    study=Config(select_seed=0, seeds=(0, 1, 2)), wise_ft=Config(base="lp", source="lp_ft")
+  )
+  again = study.study_data(
+    config, agg, data["ood"], data["selection"], data["diagnose"], data["depth"], None, data["info"]
+  )
   again = json.loads(json.dumps(again))
   assert again.pop("layers") is None
   assert again == data
 
 
 def test_report_renders_results_md_from_results_json(tmp_path):
-  results = {"ft": {"val": 90.0, "test": 88.0, "a": 60.0, "b": 70.0},
-             "lp": {"val": 80.0, "test": 81.0, "a": 80.0, "b": 90.0}}
+  results = {
+    "ft": {"val": 90.0, "test": 88.0, "a": 60.0, "b": 70.0},
+    "lp": {"val": 80.0, "test": 81.0, "a": 80.0, "b": 90.0},
+  }
   paths = report.write(tmp_path, results, ["a", "b"], info={"wall_s": 1.0}, notes=["A note."])
   saved = json.loads(paths["json"].read_text())
   assert saved["results"]["ft"]["ood_mean"] == 65.0 and saved["notes"] == ["A note."]
   text = paths["markdown"].read_text()
   assert text == report.render(saved)
-  assert text.splitlines()[:3] == ["| method | val (ID) | ID test | a | b | OOD mean |",
-                                   "|---|---:|---:|---:|---:|---:|",
-                                   "| ft | 90.0 | 88.0 | 60.0 | 70.0 | 65.0 |"]
+  assert text.splitlines()[:3] == [
+    "| method | val (ID) | ID test | a | b | OOD mean |",
+    "|---|---:|---:|---:|---:|---:|",
+    "| ft | 90.0 | 88.0 | 60.0 | 70.0 | 65.0 |",
+  ]
   assert text.endswith("A note.\n") and "plot" not in paths  # no radii: no figure
 
 
@@ -105,10 +112,20 @@ def test_report_renders_results_md_from_results_json(tmp_path):
 def test_render_only_on_the_command_line(tmp_path):
   out = _copy(tmp_path)
   proc = subprocess.run(
-      [sys.executable, "-m", "experiments.study", "--config=experiments/configs/study.py",
-       f"--config.study.out={out}", "--config.study.render_only=True",
-       f"--workdir={tmp_path / 'unused'}"],
-      cwd=ROOT, capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      "-m",
+      "experiments.study",
+      "--config=experiments/configs/study.py",
+      f"--config.study.out={out}",
+      "--config.study.render_only=True",
+      f"--workdir={tmp_path / 'unused'}",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr
   assert (out / "RESULTS.md").read_bytes() == _committed_md()
   assert "# Results of the robust fine-tuning study" in proc.stdout

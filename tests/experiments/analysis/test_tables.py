@@ -7,11 +7,14 @@ import pytest
 from experiments.analysis import tables
 
 
-@pytest.mark.parametrize("align, rule", [
+@pytest.mark.parametrize(
+  "align, rule",
+  [
     (None, "|---|---:|---:|"),
     ("lll", "|---|---|---|"),
     ("lrc", "|---|---:|:---:|"),
-])
+  ],
+)
 def test_markdown_table_alignment(align, rule):
   text = tables.markdown_table(["run", "a", "b"], [["ft", 1.5, "x"]], align=align)
   assert text.splitlines() == ["| run | a | b |", rule, "| ft | 1.5 | x |"]
@@ -23,12 +26,15 @@ def test_markdown_table_blank_cells_and_no_rows():
   assert tables.markdown_table(["a", "b"], []) == "| a | b |\n|---|---:|"
 
 
-@pytest.mark.parametrize("header, rows, align", [
+@pytest.mark.parametrize(
+  "header, rows, align",
+  [
     (["a", "b"], [["1"]], None),  # a row too short
     (["a", "b"], [["1", "2", "3"]], None),  # too long
     (["a", "b"], [], "l"),  # one letter for two columns
     (["a", "b"], [], "lx"),  # not an alignment
-])
+  ],
+)
 def test_markdown_table_rejects_mismatches(header, rows, align):
   with pytest.raises(ValueError):
     tables.markdown_table(header, rows, align=align)

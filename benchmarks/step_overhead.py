@@ -10,6 +10,11 @@ The paper's recipes on a GPU (bfloat16 params and compute)::
     python -m benchmarks.step_overhead --model clip_resnet50 --dtype bfloat16 --batch 256
     python -m benchmarks.step_overhead --model clip_vit_b16 --dtype bfloat16 --batch 128
 
+LoRA (an MLP of frozen dense layers with rank-r adapters; Adam with and without the
+merged-update constraint ``tpgm(radii=..., lora=...)``, :func:`run_lora`)::
+
+    python -m benchmarks.step_overhead --lora-rank 8 [--lora-width 512] [--lora-depth 4]
+
 Prints one JSON object. Every figure comes from one run: the step functions
 are timed round-robin (one step of each per round, ``--steps`` rounds after
 ``--warmup``), so slow drifts of a shared machine hit all of them alike, and
@@ -231,6 +236,99 @@ def run(
   return result
 
 
+# ---------------------------------------------------------------------------- LoRA
+
+
+LORA_METHODS = ("lora_adam", "lora_tpgm_mars", "lora_tpgm_l2")
+
+
+def run_lora(
+  width: int = 512,
+  depth: int = 4,
+  rank: int = 8,
+  batch_size: int = 128,
+  steps: int = 15,
+  warmup: int = 3,
+  dtype: str = "float32",
+) -> dict:
+  """Times a LoRA step of an MLP (``depth`` dense layers ``width x width``, frozen base
+  kernels, rank-``rank`` adapters trained by Adam) without and with the merged-update
+  constraint ``tpgm(radii=..., lora=...)`` (``"mars"``: one ``A @ B`` per adapter and step;
+  ``"l2"``: two ``r x r`` Gram matrices), round-robin in one process; the JSON dict."""
+  if dtype not in DTYPES:
+    raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+  dt = DTYPES[dtype]
+  keys = iter(jax.random.split(jax.random.key(0), 3 * depth + 2))
+  base = [
+    (jax.random.normal(next(keys), (width, width)) / np.sqrt(width)).astype(dt)
+    for _ in range(depth)
+  ]
+  adapters = {
+    f"layer{i}": {
+      "lora_a": (jax.random.normal(next(keys), (width, rank)) / np.sqrt(width)).astype(dt),
+      "lora_b": jnp.zeros((rank, width), dt),
+    }
+    for i in range(depth)
+  }
+  x = jax.random.normal(next(keys), (batch_size, width)).astype(dt)
+  y = jax.random.normal(next(keys), (batch_size, width)).astype(jnp.float32)
+  scale = 2.0
+  lora = tpgm_jax.lora_adapters(scale)
+
+  def loss(params, base, x, y):
+    h = x
+    for i, w in enumerate(base):
+      ab = params[f"layer{i}"]
+      h = jnp.tanh(h @ w + scale * (h @ ab["lora_a"]) @ ab["lora_b"])
+    return jnp.mean(jnp.square(h.astype(jnp.float32) - y))
+
+  txs = {
+    "lora_adam": optax.adam(1e-3),
+    "lora_tpgm_mars": optax.chain(optax.adam(1e-3), tpgm_jax.tpgm("mars", radii=0.1, lora=lora)),
+    "lora_tpgm_l2": optax.chain(optax.adam(1e-3), tpgm_jax.tpgm("l2", radii=0.1, lora=lora)),
+  }
+
+  def make_step(tx):
+    def step(carry, fixed):
+      params, state = carry
+      grads = jax.grad(loss)(params, *fixed)
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    return step
+
+  fixed = (base, x, y)
+  fns, carry, memory = {}, {}, {}
+  for n, tx in txs.items():
+    carry[n] = (jax.tree.map(jnp.copy, adapters), tx.init(adapters))
+    fns[n], memory[n] = _compile(make_step(tx), (carry[n], fixed))
+  times = {n: [] for n in txs}
+  for i in range(warmup + steps):
+    for n in txs:
+      t0 = time.perf_counter()
+      carry[n] = jax.block_until_ready(fns[n](carry[n], fixed))
+      if i >= warmup:
+        times[n].append((time.perf_counter() - t0) * 1e3)
+  ms = {n: statistics.median(t) for n, t in times.items()}
+  result = {
+    "device": jax.devices()[0].device_kind,
+    "backend": jax.default_backend(),
+    "jax": jax.__version__,
+    "model": f"lora_mlp_{depth}x{width}_r{rank}",
+    "dtype": dtype,
+    "batch": batch_size,
+    "rounds": steps,
+    "num_adapter_params": int(sum(v.size for v in jax.tree.leaves(adapters))),
+    "merged_flops_per_step": 2 * depth * width * rank * width,
+  }
+  for n in txs:
+    result[f"{n}_ms"] = round(ms[n], 3)
+    result[f"{n}_temp_bytes"] = memory[n]["temp_bytes"]
+  for n in LORA_METHODS[1:]:
+    result[f"{n}_ratio"] = round(ms[n] / ms["lora_adam"], 3)
+  return result
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", default="resnet_small", choices=models.model_names())
@@ -243,12 +341,20 @@ def main(argv=None) -> None:
     default=",".join(DEFAULT_METHODS),
     help=f"comma-separated, from {', '.join(METHODS)}",
   )
-  a = parser.parse_args(argv)
-  print(
-    json.dumps(
-      run(a.batch, a.steps, a.warmup, tuple(a.methods.split(",")), a.model, a.dtype), indent=1
-    )
+  parser.add_argument(
+    "--lora-rank",
+    type=int,
+    default=0,
+    help="if > 0: time a LoRA MLP (--lora-width, --lora-depth) with rank-r adapters instead",
   )
+  parser.add_argument("--lora-width", type=int, default=512)
+  parser.add_argument("--lora-depth", type=int, default=4)
+  a = parser.parse_args(argv)
+  if a.lora_rank > 0:
+    out = run_lora(a.lora_width, a.lora_depth, a.lora_rank, a.batch, a.steps, a.warmup, a.dtype)
+  else:
+    out = run(a.batch, a.steps, a.warmup, tuple(a.methods.split(",")), a.model, a.dtype)
+  print(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

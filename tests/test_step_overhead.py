@@ -30,3 +30,14 @@ def test_methods_run_in_bfloat16_and_report_their_keys():
     "digrap_ratio",
   }
   assert set(step_overhead.DEFAULT_METHODS) <= set(step_overhead.METHODS)
+
+
+def test_lora_step_runs_and_reports_its_ratios():
+  result = step_overhead.run_lora(width=8, depth=2, rank=2, batch_size=2, steps=1, warmup=0)
+  for name in step_overhead.LORA_METHODS:
+    assert result[f"{name}_ms"] > 0 and result[f"{name}_temp_bytes"] >= 0
+  assert {k for k in result if k.endswith("_ratio")} == {
+    "lora_tpgm_mars_ratio",
+    "lora_tpgm_l2_ratio",
+  }
+  assert result["merged_flops_per_step"] == 2 * 2 * 8 * 2 * 8

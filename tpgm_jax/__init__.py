@@ -26,6 +26,9 @@ Conventions shared by every function:
 * Strengths, learning rates and a MARS-PGM radius are a number or an optax
   schedule of the step count (``optax.ScalarOrSchedule``), evaluated inside
   ``jax.jit`` at an int32 ``count`` kept in the transformation's state.
+* LoRA: every method takes ``lora=lora_adapters(scale, a=..., b=...)``
+  (opt-in) and then constrains each adapter's merged update ``s * A @ B``
+  (anchor 0: the frozen base kernel) instead of ``A`` and ``B`` separately.
 * Bad input raises ``ValueError`` naming the argument or the parameter path.
 """
 
@@ -33,6 +36,7 @@ from tpgm_jax._digrap import DiGraPState, digrap
 from tpgm_jax._ftp import FTPState, ftp
 from tpgm_jax._interpolate import interpolate
 from tpgm_jax._l2sp import L2SPState, l2sp
+from tpgm_jax._lora import LoRAAdapters, lora_adapters
 from tpgm_jax._projection import channel_norms, clip_radii, distance_norms, init_radii, project
 from tpgm_jax._radii import RadiiTrainer, learn_radii_post_hoc, radii_trainer
 from tpgm_jax._spd import SPDState, spd
@@ -45,6 +49,7 @@ __all__ = (
   "DiGraPState",
   "FTPState",
   "L2SPState",
+  "LoRAAdapters",
   "RadiiTrainer",
   "SPDState",
   "TPGMState",
@@ -60,6 +65,7 @@ __all__ = (
   "l2sp",
   "learn_radii_post_hoc",
   "leaf_paths",
+  "lora_adapters",
   "path_mask",
   "project",
   "radii_trainer",

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tpgm_jax import _projection, _tree, _wrapper
+from tpgm_jax import _lora, _projection, _tree, _wrapper
 
 PyTree = Any
 ANCHORS = ("init", "zeros")
@@ -55,6 +55,7 @@ def digrap(
   mask: _tree.Mask = None,
   anchor: Literal["init", "zeros"] = "init",
   max_strength: _tree.ScalarOrSchedule = 1.0,
+  lora: _lora.LoRAAdapters | None = None,
 ) -> optax.GradientTransformation:
   """Projects conflicting gradient components off the displacement from the anchor.
 
@@ -107,6 +108,17 @@ def digrap(
     max_strength: the upper clip ``kappa`` of omega (1 in the paper): a
       number or an optax schedule of the step count, as ``strength_lr``
       (a finite number > 0).
+    lora: LoRA adapters (:func:`lora_adapters`, opt-in): DiGraP on each
+      adapter's merged update ``dW = s A B`` (anchor 0, the frozen base
+      kernel), applied to ``B`` with ``r = B``: ``B`` is the direction that
+      scales ``dW`` (``d/de s A (1 + e) B = dW``) and ``<g_B, B> = <G, dW>``
+      for the gradient ``G`` in the merged weight, so the conflict test of
+      step 3 is exactly the merged update's, and the removed component is the
+      gradient's along ``dW``'s own scale. ``A`` (random at initialisation,
+      no meaningful anchor) is not projected, unlike ``anchor="zeros"``
+      applied to every adapter tensor (the paper's PEFT setting). No product
+      ``A B`` is formed. ``anchor`` applies to the tensors outside the
+      adapters; a mask selects an adapter by its ``B``.
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`DiGraPState`;
@@ -141,12 +153,12 @@ def digrap(
     if anchor == "zeros":
       anchors = _tree.map_constrained(
         lambda a: jnp.zeros((), jnp.float32),
-        _tree.masked_anchor(params, params, mask),
+        _lora.anchor_tree(params, params, mask, lora),
         otherwise=lambda: _tree.MaskedNode(),
       )
     else:
-      anchors = _tree.record_anchor(params, mask)
-    like = _tree.masked_anchor(params, params, mask)
+      anchors = _lora.record_anchor(params, mask, lora)
+    like = _lora.constrained_like(_lora.anchor_tree(params, params, mask, lora), params)
 
     def per_tensor(fn):
       return _tree.map_constrained(fn, like, otherwise=lambda: _tree.MaskedNode())
@@ -167,9 +179,11 @@ def digrap(
     _tree.require_params(params, "digrap", "update(grads, state, params)")
     w0 = state.anchor
     if anchor == "init":
-      _tree.check_anchor(params, w0)
+      w0 = _lora.anchor_tree(params, w0, None, lora)
     else:
       _tree.align(params, w0, "anchor")
+      if lora is not None:
+        _lora.roles(params, lora)
     _tree.check_like(params, grads, "grads")
     lr = _tree.schedule_value("strength_lr", strength_lr, state.count)
     kappa = _tree.schedule_value("max_strength", max_strength, state.count)

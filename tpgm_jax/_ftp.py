@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tpgm_jax import _projection, _tree, _wrapper
+from tpgm_jax import _lora, _projection, _tree, _wrapper
 
 PyTree = Any
 EPS = _projection.EPS
@@ -60,6 +60,7 @@ def ftp(
   k: _tree.ScalarOrSchedule = 1.0,
   mask: _tree.Mask = None,
   norm: _projection.Norm = "mars",
+  lora: _lora.LoRAAdapters | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps an optimizer with FTP's trainable projection toward the anchor.
 
@@ -114,6 +115,20 @@ def ftp(
       freshly initialised head.
     norm: ``"mars"`` (the reference) or ``"l2"`` (a generalisation: one
       Frobenius norm per tensor in steps 1, 2 and 4).
+    lora: LoRA adapters (:func:`lora_adapters`, opt-in). For an adapter
+      (``A``, ``B``, scale ``s``; one gamma per adapter, at ``B``) the
+      constrained quantity is the merged update ``dW = s A B`` (anchor 0):
+      with the candidates ``A' = A + u_A`` and ``B' = B + u_B``, step 1 takes
+      ``c_t = B'`` and ``n_t = norms(s A' B') + 1e-8``, step 5 scales ``B'``'s
+      columns, ``B_{t+1} = clip(gamma / n_t, 0, 1) B'`` (so ``dW_{t+1} =
+      clip(gamma / n_t, 0, 1) s A' B'`` column by column), and ``A_{t+1} =
+      A'``. Step 2 is then exact on ``dW``: with ``G`` the loss gradient in
+      the merged weight, ``dW_t = (gamma / n_{t-1}) s A_t B'_{t-1}`` and
+      ``g_B = s A_t^T G``, so ``dL/dgamma = sum_j <G, s A_t B'_{t-1}>_j /
+      n_{t-1, j} = sum_j <g_B, B'_{t-1}>_j / n_{t-1, j}`` (``<.,.>_j`` sums
+      column ``j``; the rank axis for ``g_B``): the formula of step 2 on the
+      ``B`` leaf with ``c_{t-1} = B'_{t-1}``. The cost is one ``A' B'``
+      product (``"mars"``) or two r x r Gram matrices (``"l2"``) per adapter.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is an
@@ -149,7 +164,8 @@ def ftp(
 
   def init_fn(params):
     _tree.require_params(params, "ftp", "tx.init(params) with the pre-trained params")
-    anchor = _tree.record_anchor(params, mask)
+    anchor = _lora.record_anchor(params, mask, lora)
+    like = _lora.constrained_like(anchor, params)
 
     def scalar(value):
       return lambda a: jnp.full((), value, _projection.compute_dtype(a.dtype))
@@ -160,9 +176,9 @@ def ftp(
       gamma=_wrapper.per_anchor(anchor, scalar(EPS)),
       gamma_mu=_wrapper.per_anchor(anchor, scalar(0.0)),
       gamma_nu=_wrapper.per_anchor(anchor, scalar(0.0)),
-      prev_displacement=_wrapper.per_anchor(anchor, jnp.zeros_like),
+      prev_displacement=_wrapper.per_anchor(like, jnp.zeros_like),
       prev_norms=_wrapper.per_anchor(
-        anchor, lambda a: jnp.ones(_norms_shape(a.shape, norm), _projection.compute_dtype(a.dtype))
+        like, lambda a: jnp.ones(_norms_shape(a.shape, norm), _projection.compute_dtype(a.dtype))
       ),
       inner_state=inner.init(params),
     )
@@ -170,10 +186,14 @@ def ftp(
   def update_fn(grads, state, params=None, **extra_args):
     _tree.require_params(params, "ftp", "update(grads, state, params)")
     anchor = state.anchor
-    _tree.check_anchor(params, anchor)
+    if lora is None:
+      _tree.check_anchor(params, anchor)
+    else:
+      anchor = _lora.anchor_tree(params, anchor, None, lora)
     updates, inner_state = _wrapper.inner_update(
       inner, grads, state.inner_state, params, extra_args
     )
+    adapters = _lora.adapters(optax.apply_updates(params, updates), lora)
     k_t = _tree.schedule_value("k", k, state.count)
     count = optax.safe_int32_increment(state.count)
     rows = _tree.map_constrained(
@@ -189,20 +209,30 @@ def ftp(
       state.gamma_nu,
       state.prev_displacement,
       state.prev_norms,
-      otherwise=lambda w, g, u, *rest: (u, *rest),
+      adapters,
+      otherwise=lambda w, g, u, *rest: (u, *rest[:-1]),
     )
     updates, *fields = _tree.unzip(anchor, rows, 6)
-    return updates, FTPState(count, anchor, *fields, inner_state)
+    return updates, FTPState(count, state.anchor, *fields, inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _ftp_tensor(w0, w, g, u, gamma, mu, nu, prev_c, prev_n, *, count, k, norm, scheduled=False):
-  """One constrained tensor's FTP step: ``(update, gamma, mu, nu, c, n)``."""
+def _ftp_tensor(
+  w0, w, g, u, gamma, mu, nu, prev_c, prev_n, adapter=_lora.NONE, *, count, k, norm, scheduled=False
+):
+  """One constrained tensor's FTP step: ``(update, gamma, mu, nu, c, n)``.
+
+  For an adapter's ``B`` (``w0 = 0``, so ``c = B'``) the norms are those of ``s A' B'``.
+  """
   ct = gamma.dtype
   k = _tree.in_dtype(k, ct, scheduled)
   c = w.astype(ct) + u.astype(ct) - w0.astype(ct)
-  norms = jax.lax.stop_gradient(_projection.channel_norms(c, norm)) + EPS
+  if adapter:
+    norms = _lora.merged_norms(adapter.partner, c, adapter.scale, norm).astype(ct)
+  else:
+    norms = _projection.channel_norms(c, norm)
+  norms = jax.lax.stop_gradient(norms) + EPS
   h = jnp.sum(_projection.channel_sum(g.astype(ct) * prev_c.astype(ct), norm) / prev_n)
   h = jnp.where(h > 0, k * h, h)
   step, mu, nu = _wrapper.scalar_adam(h, mu, nu, count, GAMMA_B1, GAMMA_B2, EPS)

@@ -7,13 +7,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from tpgm_jax import _projection, _tree
+from tpgm_jax import _lora, _projection, _tree
 
 PyTree = Any
 
 
 def interpolate(
-  finetuned: PyTree, pretrained: PyTree, *, alpha: float | jax.Array, mask: _tree.Mask = None
+  finetuned: PyTree,
+  pretrained: PyTree,
+  *,
+  alpha: float | jax.Array,
+  mask: _tree.Mask = None,
+  lora: _lora.LoRAAdapters | None = None,
 ) -> PyTree:
   """WiSE-FT: ``(1 - alpha) * pretrained + alpha * finetuned`` per tensor.
 
@@ -46,6 +51,11 @@ def interpolate(
       ``None`` (every floating-point tensor with a pre-trained value), a
       pytree of static bools (or a prefix), or a callable ``params -> bool
       pytree``. The others are taken from ``finetuned``.
+    lora: LoRA adapters (:func:`tpgm_jax.lora_adapters`): the pre-trained
+      model is the frozen base kernel, so interpolating an adapted layer,
+      ``(1 - alpha) W0 + alpha (W0 + s A B) = W0 + alpha s A B``, scales its
+      ``B`` by ``alpha`` and keeps ``A``; ``pretrained``'s values at the
+      adapters are not read (a ``None`` at a ``B`` leaves that adapter alone).
 
   Returns:
     A pytree with the structure, shapes and dtypes of ``finetuned``.
@@ -65,7 +75,7 @@ def interpolate(
   if jnp.ndim(alpha) != 0:
     raise ValueError(f"alpha must be a scalar, got shape {jnp.shape(alpha)}")
   _tree.check_number("alpha", alpha, minimum=None)
-  anchor = _tree.masked_anchor(finetuned, pretrained, mask, "pretrained")
+  anchor = _lora.anchor_tree(finetuned, pretrained, mask, lora, "pretrained")
 
   def mix(w0, w):
     ct = _projection.compute_dtype(jnp.result_type(w))

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tpgm_jax import _projection, _tree
+from tpgm_jax import _lora, _projection, _tree
 
 PyTree = Any
 
@@ -29,7 +29,11 @@ class L2SPState(NamedTuple):
 
 
 def l2sp(
-  alpha: _tree.ScalarOrSchedule, beta: _tree.ScalarOrSchedule = 0.0, mask: _tree.Mask = None
+  alpha: _tree.ScalarOrSchedule,
+  beta: _tree.ScalarOrSchedule = 0.0,
+  mask: _tree.Mask = None,
+  *,
+  lora: _lora.LoRAAdapters | None = None,
 ) -> optax.GradientTransformation:
   """Adds the gradient of the L2-SP penalty to the updates.
 
@@ -57,6 +61,16 @@ def l2sp(
       or a callable ``params -> bool pytree`` such as
       ``tpgm_jax.path_mask(exclude=r"params/head/.*")``. Exclude a freshly
       initialised head (it has no meaningful pre-trained value).
+    lora: LoRA adapters (:func:`lora_adapters`, opt-in): the penalty of an
+      adapter is ``alpha / 2 ||s A B||_F^2``, the squared distance of the
+      adapted layer to the pre-trained one, whose gradients are added to both
+      leaves: ``u_A += alpha s^2 A (B B^T)`` and ``u_B += alpha s^2 (A^T A)
+      B`` (``A`` flattened to ``(in, r)``; r x r Gram matrices, no product
+      ``A B`` formed). Penalising ``A`` and ``B`` separately toward their
+      initial values (or 0) would pull the random ``A`` back to where it
+      started although ``dW`` does not depend on it when ``B = 0``. A mask
+      selects an adapter by its ``B``; the adapters of an unselected one are
+      "other" tensors (``beta``).
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`L2SPState`; its
@@ -85,21 +99,32 @@ def l2sp(
 
   def init_fn(params):
     _tree.require_params(params, "l2sp", "tx.init(params) with the pre-trained params")
-    return L2SPState(count=jnp.zeros((), jnp.int32), anchor=_tree.record_anchor(params, mask))
+    return L2SPState(count=jnp.zeros((), jnp.int32), anchor=_lora.record_anchor(params, mask, lora))
 
   def update_fn(updates, state, params=None):
     _tree.require_params(params, "l2sp", "update(updates, state, params)")
-    _tree.check_anchor(params, state.anchor)
+    if lora is None:
+      _tree.check_anchor(params, state.anchor)
+      anchor = state.anchor
+    else:
+      anchor = _lora.anchor_tree(params, state.anchor, None, lora)
     _tree.check_like(params, updates, "updates")
+    pairs = _lora.adapters(params, lora, anchor)
     a = _tree.schedule_value("alpha", alpha, state.count)
     b = _tree.schedule_value("beta", beta, state.count)
 
-    def anchored(w0, u, w):
+    def anchored(w0, u, w, ad):
       ct = _projection.compute_dtype(jnp.result_type(w))
       a_ct = _tree.in_dtype(a, ct, _tree.is_schedule(alpha))
+      if ad:  # an adapter's B: d/dB alpha/2 ||s A B||^2
+        return (u.astype(ct) + a_ct * _adapter_grad(ad, w, ct)).astype(u.dtype)
       return (u.astype(ct) + a_ct * (w.astype(ct) - w0.astype(ct))).astype(u.dtype)
 
-    def others(u, w):
+    def others(u, w, ad):
+      if ad and ad.constrained:  # an adapter's A: d/dA alpha/2 ||s A B||^2
+        ct = _projection.compute_dtype(jnp.result_type(w))
+        a_ct = _tree.in_dtype(a, ct, _tree.is_schedule(alpha))
+        return (u.astype(ct) + a_ct * _adapter_grad(ad, w, ct)).astype(u.dtype)
       if not (decay_others and _tree.is_float(w)) or _tree.is_masked(u):
         return u
       ct = _projection.compute_dtype(jnp.result_type(w))
@@ -108,7 +133,21 @@ def l2sp(
 
     new_state = L2SPState(optax.safe_int32_increment(state.count), state.anchor)
     return _tree.map_constrained(
-      anchored, state.anchor, updates, params, otherwise=others
+      anchored, anchor, updates, params, pairs, otherwise=others
     ), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _adapter_grad(ad: _lora.Adapter, w: jax.Array, ct: Any) -> jax.Array:
+  """The gradient of ``1/2 ||s A B||_F^2`` in ``w``: ``s^2 A (B B^T)`` for ``w = A``,
+  ``s^2 (A^T A) B`` for ``w = B`` (``A`` flattened to ``(in, r)``)."""
+  hi = jax.lax.Precision.HIGHEST
+  w, other = w.astype(ct), ad.partner.astype(ct)
+  if ad.kind == "a":
+    a2 = w.reshape(-1, w.shape[-1])
+    return (
+      ad.scale**2 * jnp.matmul(a2, jnp.matmul(other, other.T, precision=hi), precision=hi)
+    ).reshape(w.shape)
+  a2 = other.reshape(-1, other.shape[-1])
+  return ad.scale**2 * jnp.matmul(jnp.matmul(a2.T, a2, precision=hi), w, precision=hi)

@@ -32,7 +32,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
-from tpgm_jax import _tree
+from tpgm_jax import _lora, _tree
 
 PyTree = Any
 Norm = Literal["mars", "l2"]
@@ -106,18 +106,48 @@ def displacement(w: jax.Array, w0: jax.Array, norm: Norm) -> tuple[jax.Array, ja
   return d, jax.lax.stop_gradient(channel_norms(d, norm))
 
 
+def adapter_displacement(
+  b: jax.Array, adapter: _lora.Adapter, norm: Norm
+) -> tuple[jax.Array, jax.Array]:
+  """``(d, norms)`` of an adapter's ``B`` leaf: ``d = B`` (so scaling ``d``'s columns
+  scales ``dW``'s) and the norms of ``dW = s A B``, constants for differentiation."""
+  d = b.astype(compute_dtype(jnp.result_type(b)))
+  norms = _lora.merged_norms(adapter.partner, b, adapter.scale, norm)
+  return d, jax.lax.stop_gradient(norms.astype(d.dtype))
+
+
 def constrained_displacements(
-  params: PyTree, anchor: PyTree, norm: Norm, mask: _tree.Mask = None, name: str = "anchor"
+  params: PyTree,
+  anchor: PyTree,
+  norm: Norm,
+  mask: _tree.Mask = None,
+  name: str = "anchor",
+  lora: _lora.LoRAAdapters | None = None,
 ) -> tuple[PyTree, PyTree]:
   """``(anchor tree, tree of (w0, d, norms))``: the displacement and norms of
-  every constrained tensor (:func:`displacement`), ``MaskedNode`` elsewhere."""
+  every constrained tensor (:func:`displacement`), ``MaskedNode`` elsewhere.
+
+  With ``lora``, an adapter's ``B`` leaf has ``w0 = 0``, ``d = B`` and the norms of
+  ``dW = s A B`` (:func:`adapter_displacement`); its ``A`` leaf is unconstrained.
+  """
   _check_norm(norm)
-  anchor = _tree.masked_anchor(params, anchor, mask, name)
+  anchor = _lora.anchor_tree(params, anchor, mask, lora, name)
+  if lora is None:
+    cached = _tree.map_constrained(
+      lambda w0, w: (w0, *displacement(w, w0, norm)),
+      anchor,
+      params,
+      otherwise=lambda w: _tree.MaskedNode(),
+    )
+    return anchor, cached
   cached = _tree.map_constrained(
-    lambda w0, w: (w0, *displacement(w, w0, norm)),
+    lambda w0, w, ad: (
+      (w0, *adapter_displacement(w, ad, norm)) if ad else (w0, *displacement(w, w0, norm))
+    ),
     anchor,
     params,
-    otherwise=lambda w: _tree.MaskedNode(),
+    _lora.adapters(params, lora),
+    otherwise=lambda w, ad: _tree.MaskedNode(),
   )
   return anchor, cached
 
@@ -145,7 +175,12 @@ def clip_cached(anchor: PyTree, cached: PyTree, radii: PyTree) -> PyTree:
 
 
 def distance_norms(
-  params: PyTree, anchor: PyTree, norm: Norm = "mars", mask: _tree.Mask = None
+  params: PyTree,
+  anchor: PyTree,
+  norm: Norm = "mars",
+  mask: _tree.Mask = None,
+  *,
+  lora: _lora.LoRAAdapters | None = None,
 ) -> PyTree:
   """The distance norms of every constrained tensor to its anchor.
 
@@ -155,18 +190,27 @@ def distance_norms(
       ``None`` or ``optax.MaskedNode()`` to leave that tensor unconstrained.
     norm: ``"mars"`` (per-output-channel L1) or ``"l2"`` (Frobenius).
     mask: which tensors are constrained; see :func:`project`.
+    lora: LoRA adapters (:func:`tpgm_jax.lora_adapters`): an adapter's
+      distance is that of its merged update ``dW = s A B`` to 0, reported at
+      its ``B`` leaf (the ``A`` leaf is unconstrained); see
+      :func:`tpgm_jax.lora_adapters`.
 
   Returns:
     A pytree with the structure of ``params``: per constrained tensor an array
     of shape ``(out,)`` (``"mars"``, rank >= 2) or ``()``; ``None`` for
     unconstrained tensors.
   """
-  anchor, cached = constrained_displacements(params, anchor, norm, mask)
+  anchor, cached = constrained_displacements(params, anchor, norm, mask, lora=lora)
   return _tree.map_constrained(lambda _, c: c[2], anchor, cached, otherwise=lambda c: None)
 
 
 def init_radii(
-  params: PyTree, anchor: PyTree, norm: Norm = "mars", mask: _tree.Mask = None
+  params: PyTree,
+  anchor: PyTree,
+  norm: Norm = "mars",
+  mask: _tree.Mask = None,
+  *,
+  lora: _lora.LoRAAdapters | None = None,
 ) -> PyTree:
   """Initial radii: ``min(norms) / 2`` per tensor, as float32 scalars.
 
@@ -180,6 +224,10 @@ def init_radii(
     anchor: pre-trained parameters (same structure and shapes).
     norm: ``"mars"`` or ``"l2"``.
     mask: which tensors are constrained; see :func:`project`.
+    lora: LoRA adapters (:func:`tpgm_jax.lora_adapters`): an adapter's
+      distance is that of its merged update ``dW = s A B`` to 0, reported at
+      its ``B`` leaf (the ``A`` leaf is unconstrained); see
+      :func:`tpgm_jax.lora_adapters`.
 
   Returns:
     A pytree with the structure of ``params`` holding one float32 scalar per
@@ -192,7 +240,7 @@ def init_radii(
     >>> float(tpgm_jax.init_radii(w, w0)["kernel"])   # norms (2, 4) -> 2 / 2
     1.0
   """
-  anchor, cached = constrained_displacements(params, anchor, norm, mask)
+  anchor, cached = constrained_displacements(params, anchor, norm, mask, lora=lora)
   return initial_radii(anchor, cached)
 
 
@@ -207,21 +255,34 @@ def initial_radii(anchor: PyTree, cached: PyTree) -> PyTree:
 
 
 def clip_radii(
-  radii: PyTree, params: PyTree, anchor: PyTree, norm: Norm = "mars", mask: _tree.Mask = None
+  radii: PyTree,
+  params: PyTree,
+  anchor: PyTree,
+  norm: Norm = "mars",
+  mask: _tree.Mask = None,
+  *,
+  lora: _lora.LoRAAdapters | None = None,
 ) -> PyTree:
   """The radii clipped to ``[1e-8, max(norms)]``, the values the projection uses.
 
   The reference implementation replaces its stored radii by these clipped
   values before every radius update; :func:`radii_trainer` does the same.
-  Unconstrained and empty tensors keep their radius unchanged.
+  Unconstrained and empty tensors keep their radius unchanged. ``lora``: see
+  :func:`project`.
   """
-  anchor, cached = constrained_displacements(params, anchor, norm, mask)
+  anchor, cached = constrained_displacements(params, anchor, norm, mask, lora=lora)
   _tree.check_radii(params, radii, anchor)
   return clip_cached(anchor, cached, radii)
 
 
 def project(
-  params: PyTree, anchor: PyTree, radii: PyTree, norm: Norm = "mars", mask: _tree.Mask = None
+  params: PyTree,
+  anchor: PyTree,
+  radii: PyTree,
+  norm: Norm = "mars",
+  mask: _tree.Mask = None,
+  *,
+  lora: _lora.LoRAAdapters | None = None,
 ) -> PyTree:
   """Projects every constrained tensor into its ball around the anchor.
 
@@ -248,6 +309,12 @@ def project(
       bool pytree``; :func:`tpgm_jax.path_mask` builds one from parameter
       paths (``path_mask(exclude=r"params/head/.*")``). Unconstrained tensors
       are returned unchanged.
+    lora: LoRA adapters (:func:`tpgm_jax.lora_adapters`): each adapter is
+      projected on its merged update ``dW = s A B`` (anchor 0: the frozen base
+      kernel) with the radius at its ``B`` leaf, by scaling ``B``'s columns
+      (``B' = ratio * B``, so ``s A B' = ratio * dW`` exactly); ``A`` is
+      returned unchanged and the anchor's values at the adapters are not
+      read (a ``None`` leaf at a ``B`` still leaves that adapter alone).
 
   Returns:
     The projected parameters, same structure, shapes and dtypes as ``params``.
@@ -260,6 +327,6 @@ def project(
     >>> tpgm_jax.project(w, w0, r)["w"].tolist()           # scaled onto L1 = 2
     [1.5, 0.0, 0.5]
   """
-  anchor, cached = constrained_displacements(params, anchor, norm, mask)
+  anchor, cached = constrained_displacements(params, anchor, norm, mask, lora=lora)
   _tree.check_radii(params, radii, anchor)
   return project_cached(params, anchor, cached, radii)

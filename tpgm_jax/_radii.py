@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tpgm_jax import _projection, _tree
+from tpgm_jax import _lora, _projection, _tree
 
 PyTree = Any
 LossFn = Callable[[PyTree, Any], jax.Array]
@@ -39,6 +39,7 @@ def radii_trainer(
   optimizer: optax.GradientTransformation | None = None,
   max_iters: int = 1,
   radius_units: str = "absolute",
+  lora: _lora.LoRAAdapters | None = None,
 ) -> RadiiTrainer:
   """The radius update of TPGM's outer loop, as a pair of jit-able functions.
 
@@ -68,6 +69,10 @@ def radii_trainer(
       rate is a fraction of the pre-trained weights' norm per step, the same
       for every layer whatever its size or weight scale. The optimizer state
       is kept in these units; the radii passed in and returned are distances.
+      An adapter's unit (under ``lora``) is 1.
+    lora: LoRA adapters (:func:`tpgm_jax.lora_adapters`): an adapter's radius
+      (at its ``B`` leaf) bounds its merged update ``dW = s A B``; see
+      :func:`tpgm_jax.project`.
 
   Returns:
     A :class:`RadiiTrainer`. Its ``update`` raises ``ValueError`` (when traced,
@@ -100,7 +105,7 @@ def radii_trainer(
 
   def update(radii, opt_state, params, anchor, batches):
     check_batches(batches, max_iters)
-    anchor, cached = _projection.constrained_displacements(params, anchor, norm, mask)
+    anchor, cached = _projection.constrained_displacements(params, anchor, norm, mask, lora=lora)
     _tree.check_radii(params, radii, anchor)
     return radius_steps(
       loss_fn,
@@ -319,6 +324,7 @@ def learn_radii_post_hoc(
   optimizer: optax.GradientTransformation | None = None,
   radii: PyTree | None = None,
   radius_units: str = "absolute",
+  lora: _lora.LoRAAdapters | None = None,
 ) -> tuple[PyTree, PyTree]:
   """Post-hoc TPGM: learns radii between two models, then projects once.
 
@@ -344,6 +350,10 @@ def learn_radii_post_hoc(
     radii: initial radii; default ``init_radii(finetuned, pretrained)``.
     radius_units: ``"absolute"`` (the reference) or ``"anchor"``; see
       :func:`radii_trainer`.
+    lora: LoRA adapters (:func:`tpgm_jax.lora_adapters`): each adapter's
+      merged update is projected (``B``'s columns scaled), one learned radius
+      per adapter; ``pretrained``'s values at the adapters are not read (pass
+      e.g. the adapters at initialisation), so the base model is the anchor.
 
   Returns:
     ``(projected_params, radii)``.
@@ -354,11 +364,11 @@ def learn_radii_post_hoc(
       trees do not match (the message names the path).
   """
   trainer = radii_trainer(
-    loss_fn, norm=norm, mask=mask, optimizer=optimizer, radius_units=radius_units
+    loss_fn, norm=norm, mask=mask, optimizer=optimizer, radius_units=radius_units, lora=lora
   )
   check_batch_sequence(batches)
   if radii is None:
-    radii = _projection.init_radii(finetuned, pretrained, norm, mask)
+    radii = _projection.init_radii(finetuned, pretrained, norm, mask, lora=lora)
   state = trainer.init(radii)
   step = jax.jit(
     lambda r, s, ft, pre, b: trainer.update(r, s, ft, pre, jax.tree.map(lambda x: x[None], b))[:2]
@@ -373,4 +383,4 @@ def learn_radii_post_hoc(
     steps += 1
   if not steps:
     raise ValueError("batches is empty: post-hoc TPGM needs at least one held-out batch")
-  return _projection.project(finetuned, pretrained, radii, norm, mask), radii
+  return _projection.project(finetuned, pretrained, radii, norm, mask, lora=lora), radii

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tpgm_jax import _projection, _tree, _wrapper
+from tpgm_jax import _lora, _projection, _tree, _wrapper
 
 PyTree = Any
 ANCHORS = ("init", "zeros")
@@ -38,6 +38,7 @@ def spd(
   weight_decay: _tree.ScalarOrSchedule,
   mask: _tree.Mask = None,
   anchor: Literal["init", "zeros"] = "init",
+  lora: _lora.LoRAAdapters | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps an optimizer with Selective Projection Decay toward the anchor.
 
@@ -70,7 +71,19 @@ def spd(
       initialised head.
     anchor: ``"init"`` decays toward the parameters passed to ``init`` (the
       pre-trained model); ``"zeros"`` toward 0 (``w0 = 0``, nothing stored:
-      the PEFT / LoRA case, where the trainable adapters start from scratch).
+      the PEFT / LoRA case of the paper, where every trainable tensor, ``A``
+      included, is decayed toward 0). With ``lora``, it applies to the tensors
+      outside the adapters.
+    lora: LoRA adapters (:func:`lora_adapters`, opt-in): SPD on each
+      adapter's merged update ``dW = s A B`` toward 0 (the frozen base
+      kernel), the principled form of ``anchor="zeros"`` for adapters (whose
+      ``A`` starts random, not at 0). With ``G`` the gradient in the merged
+      weight, the selection ``<G, dW> = <g_B, B> > 0`` is exact on ``B``, the
+      ratio uses ``||s A B||`` and ``||s A' B'||`` (Frobenius, from r x r
+      Gram matrices) for the current and candidate adapter, and the decay
+      ``dW' = (1 - weight_decay * ratio) s A' B'`` is a decay of ``B'``
+      alone; ``A`` takes the plain inner update. A mask selects an adapter by
+      its ``B``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is an
@@ -104,44 +117,59 @@ def spd(
     _tree.require_params(params, "spd", "tx.init(params) with the pre-trained params")
     if anchor == "zeros":
       _tree.resolve_mask(mask, params)  # fail early on a bad mask
+      if lora is not None:
+        _lora.roles(params, lora)  # and on bad adapters
       anchors = _tree.record_anchor(params, lambda p: False)
     else:
-      anchors = _tree.record_anchor(params, mask)
+      anchors = _lora.record_anchor(params, mask, lora)
     return SPDState(count=jnp.zeros((), jnp.int32), anchor=anchors, inner_state=inner.init(params))
 
   def update_fn(grads, state, params=None, **extra_args):
     _tree.require_params(params, "spd", "update(grads, state, params)")
     if anchor == "zeros":
-      _tree.check_anchor(params, state.anchor)
-      w0 = _tree.masked_anchor(params, jax.tree.map(jnp.zeros_like, params), mask)
+      if lora is None:
+        _tree.check_anchor(params, state.anchor)
+      else:
+        _tree.align(params, state.anchor, "anchor")
+      w0 = _lora.anchor_tree(params, jax.tree.map(jnp.zeros_like, params), mask, lora)
     else:
-      w0 = _tree.masked_anchor(params, state.anchor)
+      w0 = _lora.anchor_tree(params, state.anchor, None, lora)
     updates, inner_state = _wrapper.inner_update(
       inner, grads, state.inner_state, params, extra_args
     )
+    current = _lora.adapters(params, lora)
+    candidate = _lora.adapters(optax.apply_updates(params, updates), lora)
     lam = _tree.schedule_value("weight_decay", weight_decay, state.count)
     scheduled = _tree.is_schedule(weight_decay)
     updates = _tree.map_constrained(
-      lambda w0, w, g, u: _spd_tensor(w0, w, g, u, lam, scheduled),
+      lambda w0, w, g, u, a, a_c: _spd_tensor(w0, w, g, u, lam, scheduled, a, a_c),
       w0,
       params,
       grads,
       updates,
-      otherwise=lambda w, g, u: u,
+      current,
+      candidate,
+      otherwise=lambda w, g, u, *_: u,
     )
     return updates, SPDState(optax.safe_int32_increment(state.count), state.anchor, inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _spd_tensor(w0, w, g, u, weight_decay, scheduled=False):
+def _spd_tensor(w0, w, g, u, weight_decay, scheduled=False, adapter=_lora.NONE, cand=_lora.NONE):
+  """One tensor's SPD update; for an adapter's ``B`` (``w0 = 0``) the norms are those of the
+  current and candidate merged updates ``s A B`` and ``s A' B'``."""
   ct = _projection.compute_dtype(jnp.result_type(w))
   weight_decay = _tree.in_dtype(weight_decay, ct, scheduled)
   w, w0 = w.astype(ct), w0.astype(ct)
   c = w + u.astype(ct)
   d_old, d_new = w - w0, c - w0
-  n_old = jnp.sqrt(jnp.sum(jnp.square(d_old)))
-  n_new = jnp.sqrt(jnp.sum(jnp.square(d_new)))
+  if adapter:
+    n_old = jnp.sqrt(_lora.merged_sq_norm(adapter.partner, w, adapter.scale)).astype(ct)
+    n_new = jnp.sqrt(_lora.merged_sq_norm(cand.partner, c, cand.scale)).astype(ct)
+  else:
+    n_old = jnp.sqrt(jnp.sum(jnp.square(d_old)))
+    n_new = jnp.sqrt(jnp.sum(jnp.square(d_new)))
   moved = n_new > 0  # guards the division where c == w0
   ratio = jnp.clip((n_new - n_old) / jnp.where(moved, n_new, 1.0), 0.0, 1.0)
   selected = moved & (jnp.sum(g.astype(ct) * d_old) > 0)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tpgm_jax import _projection, _radii, _tree
+from tpgm_jax import _lora, _projection, _radii, _tree
 
 PyTree = Any
 
@@ -42,6 +42,8 @@ def tpgm(
   norm: _projection.Norm = "mars",
   mask: _tree.Mask = None,
   radii: _tree.ScalarOrSchedule | PyTree | None = None,
+  *,
+  lora: _lora.LoRAAdapters | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Projects the parameters after each step into balls of given radii around the anchor.
 
@@ -74,6 +76,11 @@ def tpgm(
       ``optax.linear_schedule(0.0, 0.5, 1000)`` to loosen the ball during
       training); or a pytree of scalars with the structure of the params
       (one per tensor).
+    lora: LoRA adapters (:func:`lora_adapters`, opt-in): each adapter's
+      merged update ``dW = s A B`` is kept in the ball (anchor 0, the frozen
+      base kernel; norms of ``dW``) by scaling its ``B``'s columns, with one
+      radius per adapter at its ``B`` leaf; its ``A`` takes the preceding
+      optimizer's update unchanged and a mask selects an adapter by its ``B``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -119,7 +126,7 @@ def tpgm(
 
   def init_fn(params):
     _tree.require_params(params, "tpgm", "tx.init(params) with the pre-trained params")
-    return TPGMState(count=jnp.zeros((), jnp.int32), anchor=_tree.record_anchor(params, mask))
+    return TPGMState(count=jnp.zeros((), jnp.int32), anchor=_lora.record_anchor(params, mask, lora))
 
   def update_fn(updates, state, params=None, *, radii=None, **extra_args):
     del extra_args
@@ -135,7 +142,7 @@ def tpgm(
     else:
       radii = default_radii
     candidate = optax.apply_updates(params, updates)
-    anchor, cached = _projection.constrained_displacements(candidate, state.anchor, norm)
+    anchor, cached = _projection.constrained_displacements(candidate, state.anchor, norm, lora=lora)
     _tree.check_radii(candidate, radii, anchor)
     projected = _projection.project_cached(candidate, anchor, cached, radii)
     new_state = TPGMState(optax.safe_int32_increment(state.count), state.anchor)
@@ -171,6 +178,7 @@ def trainable_projection(
   radius_optimizer: optax.GradientTransformation | None = None,
   max_iters: int = 1,
   radius_units: str = "absolute",
+  lora: _lora.LoRAAdapters | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """TPGM during fine-tuning: learns the radii on held-out data and projects every step.
 
@@ -214,7 +222,12 @@ def trainable_projection(
       radius, so its learning rate is a distance per step) or ``"anchor"``
       (opt-in: it steps the radius in units of the anchor tensor's own norm,
       so the learning rate means the same for every layer; see
-      :func:`radii_trainer`).
+      :func:`radii_trainer`). Under ``lora`` an adapter's unit is 1.
+    lora: LoRA adapters (:func:`lora_adapters`, opt-in): each adapter's
+      merged update ``dW = s A B`` is kept in the ball (anchor 0, the frozen
+      base kernel; norms of ``dW``) by scaling its ``B``'s columns, with one
+      radius per adapter at its ``B`` leaf (learned on held-out data); its ``A`` takes the preceding
+      optimizer's update unchanged and a mask selects an adapter by its ``B``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -256,7 +269,7 @@ def trainable_projection(
     _tree.require_params(
       params, "trainable_projection", "tx.init(params) with the pre-trained params"
     )
-    anchor = _tree.record_anchor(params, mask)
+    anchor = _lora.record_anchor(params, mask, lora)
     radii = jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params)
     return TrainableProjectionState(jnp.zeros((), jnp.int32), anchor, radii, optimizer.init(radii))
 
@@ -267,7 +280,7 @@ def trainable_projection(
     )
     _tree.check_like(params, updates, "updates")
     candidate = optax.apply_updates(params, updates)
-    anchor, cached = _projection.constrained_displacements(candidate, state.anchor, norm)
+    anchor, cached = _projection.constrained_displacements(candidate, state.anchor, norm, lora=lora)
     first = _projection.initial_radii(anchor, cached)
     radii = jax.tree.map(lambda r, r0: jnp.where(state.count == 0, r0, r), state.radii, first)
     radius_state = state.radius_state

@@ -1,4 +1,4 @@
-"""Tests of the training loop (experiments.training.loop) through the driver (experiments.run).
+"""Tests of the training loop (experiments.training.loop) through the runner (experiments.runner).
 
 Everything runs on the tiny shapes data with a ~1.5k-parameter CNN
 (``configs/tiny.py``): resume after SIGKILL and SIGTERM (bit-identical), moving a

@@ -187,12 +187,12 @@ class Environment:
 
   def train_setup(self, spec: RunSpec, init_params=None) -> loop.TrainSetup:
     """The training loop's inputs for the trained run ``spec``."""
-    every, _ = spec.method.heldout(spec.section) if spec.method.heldout else (0, 0)
     heldout = None
-    if every:
-      heldout = lambda batch_size, start: self.stream(  # noqa: E731
-        "heldout", "radii", spec.seed, batch_size, start=start
-      )
+    if spec.method.heldout is not None:  # TPGM's radius updates: the held-out stream
+
+      def heldout(batch_size, start):
+        return self.stream("heldout", "radii", spec.seed, batch_size, start=start)
+
     return loop.TrainSetup(
       name=spec.name,
       train=spec.train,

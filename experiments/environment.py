@@ -26,7 +26,7 @@ from ml_collections import ConfigDict
 
 from experiments import models
 from experiments.data import pipeline, shapes, sources, tasks
-from experiments.plan import Plan, PretrainSpec, RunSpec, get_task
+from experiments.plan import ConfigError, Plan, PretrainSpec, RunSpec, get_task, train_size
 from experiments.training import distributed, evaluation, loop, weights
 from experiments.types import PyTree
 
@@ -263,6 +263,22 @@ def prepare_data(plan: Plan, task: tasks.Task) -> None:
     multihost_utils.sync_global_devices("prepare_data")
 
 
+def check_train_size(plan: Plan, task: tasks.Task) -> None:
+  """Raises :class:`ConfigError` if ``config.data.train_size`` exceeds the records of the
+  task's whole train split (TFDS would silently give fewer, or with a sliced split records
+  of the next one)."""
+  n = train_size(plan.config)
+  if not n:
+    return
+  config = plan.config
+  whole = tasks.get_task(config.data.task, **config.data.task_kwargs.to_dict()).train
+  source = sources.open_data_source(whole, plan.data_dir, builtin_config=task.builtin_config)
+  if n > len(source):
+    raise ConfigError(
+      f"config.data.train_size={n} exceeds the {len(source)} records of the train split {whole}"
+    )
+
+
 def setup(plan: Plan, *, mesh: Mesh | None = None, progress: bool = True) -> Environment:
   """The environment of ``plan``: the mesh (default: ``config.mesh`` over all devices), the
   data (built if it is built in and missing), the model, and the pre-trained checkpoint
@@ -272,5 +288,6 @@ def setup(plan: Plan, *, mesh: Mesh | None = None, progress: bool = True) -> Env
   task = get_task(config)
   env = Environment(plan, task, model_for(config, task), mesh, progress)
   prepare_data(plan, task)
+  check_train_size(plan, task)
   env.pretrained()
   return env

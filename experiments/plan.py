@@ -36,7 +36,7 @@ from experiments.data.options import InputOptions
 from experiments.training import methods
 
 #: Keys of ``config.data`` read by the plan and the evaluator rather than by InputOptions.
-DATA_KEYS = ("task", "task_kwargs", "data_dir", "eval_batch_size")
+DATA_KEYS = ("task", "task_kwargs", "train_size", "data_dir", "eval_batch_size")
 #: Fields of ``config.pretrain`` that say where the checkpoint is, not how it is made.
 _PRETRAIN_LOCATION = ("checkpoint", "cache_dir", "seed")
 #: The pre-training run's train config, before ``config.pretrain``'s own fields.
@@ -52,6 +52,7 @@ TOP_LEVEL_KEYS = (
   "methods",
   "diagnose",
   "study",
+  "regimes",
   "mesh",
   "shard_min_size",
 )
@@ -161,19 +162,36 @@ def input_options(config: ConfigDict) -> InputOptions:
   return InputOptions.from_config(config.data, read_elsewhere=DATA_KEYS)
 
 
-def data_identity(config: ConfigDict) -> dict[str, Any]:
-  """What in ``config.data`` determines the training batches (not paths, not loader speed)."""
-  return {
+def train_size(config: ConfigDict) -> int:
+  """``config.data.train_size``: fine-tune on the first that many records of the task's train
+  split (0, the default: all of it)."""
+  return config.data.get("train_size", 0)
+
+
+def data_identity(config: ConfigDict, *, fine_tuning: bool = True) -> dict[str, Any]:
+  """What in ``config.data`` determines the training batches (not paths, not loader speed);
+  without ``fine_tuning``, what determines the pre-training batches (not ``train_size``, which
+  only cuts the fine-tuning split; it is left out when 0, so older runs keep their hashes)."""
+  identity = {
     "task": config.data.task,
     "task_kwargs": config.data.task_kwargs.to_dict(),
     **input_options(config).augmentation(),
   }
+  if fine_tuning and train_size(config):
+    identity["train_size"] = train_size(config)
+  return identity
 
 
 def get_task(config: ConfigDict) -> tasks.Task:
   """The data task of ``config``; ``config.model.input_mean`` / ``input_std`` (the input
   normalisation the pre-trained weights expect, e.g. CLIP's), when set, replace the task's."""
   task = tasks.get_task(config.data.task, **config.data.task_kwargs.to_dict())
+  n = train_size(config)
+  if n != 0:
+    try:
+      task = dataclasses.replace(task, train=tasks.first_records(task.train, n))
+    except ValueError as e:
+      raise ValueError(f"config.data.train_size={n!r}: {e} (0 means the whole split)") from e
   mean, std = config.model.get("input_mean"), config.model.get("input_std")
   if mean is None and std is None:
     return task
@@ -209,7 +227,7 @@ def pretrain_key(config: ConfigDict) -> str:
   section = {k: v for k, v in config.pretrain.to_dict().items() if k not in _PRETRAIN_LOCATION}
   identity = {
     "model": config.model.to_dict(),
-    "data": data_identity(config),
+    "data": data_identity(config, fine_tuning=False),
     "pretrain": section,
     "seed": int(config.pretrain.seed),
   }

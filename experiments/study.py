@@ -17,15 +17,15 @@ def job(config: ConfigDict, workdir: str) -> None:
   """Runs the study and prints RESULTS.md."""
   import jax  # noqa: PLC0415 (after the runtime is set up)
 
-  from experiments.analysis import study  # noqa: PLC0415
+  from experiments.analysis import results_md, study  # noqa: PLC0415
 
-  if config.study.render_only:  # nothing is run: RESULTS.md and the plots from study.json
-    out = study.render_results(config.study.out or f"{workdir}/{config.name}")
+  if config.study.render_only:  # nothing is run: RESULTS.md and the plots from the JSON files
+    out = results_md.write(config.study.out or f"{workdir}/{config.name}")
     print("\n".join([out["path"].read_text(), *out["skipped"]]))
     return
   out = study.study(config, workdir)
   if jax.process_index() == 0:
-    print(out["path"].read_text())
+    print(results_md.write(out["out"])["path"].read_text())
 
 
 if __name__ == "__main__":

@@ -312,3 +312,50 @@ def radius_signal(
   ax2.legend(h1 + h2, l1 + l2, fontsize=7)
   ax2.set_title("along fine-tuning (mean over tensors)")
   return _save(fig, path, dpi=120)
+
+
+def gains_vs_ft(
+  path: str | os.PathLike,
+  gains: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]],
+  title: str = "",
+) -> epath.Path:
+  """ID and OOD-mean gain vs FT per method (bars grouped by cell, std as error bars).
+
+  Args:
+    path: the image file to write.
+    gains: cell -> method -> ``{"id": (mean, std), "ood": (mean, std)}`` in points; methods
+      in the order of their first appearance.
+    title: the benchmark, in the title.
+
+  Returns:
+    ``path``.
+  """
+  _, plt = _matplotlib()
+  cells = list(gains)
+  methods = []
+  for c in cells:
+    methods += [m for m in gains[c] if m not in methods]
+  fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.55 * len(methods) + 2), 7), sharex=True)
+  width = 0.8 / max(len(cells), 1)
+  x = np.arange(len(methods))
+  colors = plt.get_cmap("viridis")(np.linspace(0.15, 0.85, max(len(cells), 1)))
+  for ax, key, label in zip(axes, ("id", "ood"), ("ID test", "OOD mean")):
+    for i, c in enumerate(cells):
+      vals = [gains[c].get(m, {}).get(key, (np.nan, 0.0)) for m in methods]
+      ax.bar(
+        x + (i - (len(cells) - 1) / 2) * width,
+        [v[0] for v in vals],
+        width,
+        yerr=[v[1] for v in vals],
+        capsize=2,
+        color=colors[i],
+        label=c,
+      )
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_ylabel(f"{label} - FT (points)")
+    ax.grid(axis="y", alpha=0.3)
+  axes[0].legend(fontsize=8, ncol=min(len(cells), 4))
+  axes[0].set_title(f"Gain vs FT per method and cell{f' ({title})' if title else ''}")
+  axes[1].set_xticks(x)
+  axes[1].set_xticklabels(methods, rotation=45, ha="right", fontsize=8)
+  return _save(fig, path, dpi=120)

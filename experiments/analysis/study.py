@@ -29,7 +29,7 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -66,16 +66,29 @@ def _plan(config: ConfigDict, workdir: str) -> Plan:
 
 
 def select(
-  config: ConfigDict, env: Environment, seconds: dict[str, float | None] | None = None
+  config: ConfigDict,
+  env: Environment,
+  seconds: dict[str, float | None] | None = None,
+  *,
+  grid: Any = None,
+  seed: int | None = None,
 ) -> tuple[ConfigDict, list[dict[str, Any]]]:
-  """Picks every ``study.select`` value on ID val (seed ``study.select_seed``); records
-  each run's computation time in ``seconds`` (see :func:`_seconds`)."""
+  """Picks every value of ``grid`` (default ``config.study.select``: ``(method, field,
+  values)`` entries, in order; later entries see the earlier choices) on ID val with seed
+  ``seed`` (default ``config.study.select_seed``); records each run's computation time in
+  ``seconds`` (see :func:`_seconds`).
+
+  Returns:
+    ``(config with the chosen values, [{"method", "key", "scores", "chosen", "default"}])``.
+  """
+  grid = config.study.select if grid is None else grid
+  seed = config.study.select_seed if seed is None else seed
   chosen, table = config, []
   seconds = {} if seconds is None else seconds
-  for method, key, values in config.study.select:
+  for method, key, values in grid:
     scores = {}
     for value in values:
-      cfg = with_fields(chosen, seed=config.study.select_seed, methods=(method,), **{key: value})
+      cfg = with_fields(chosen, seed=seed, methods=(method,), **{key: value})
       plan = _plan(cfg, env.plan.workdir)
       found = runner.execute(env, plan).results
       seconds.update(_seconds(plan))
@@ -91,7 +104,7 @@ def select(
       }
     )
     chosen = with_fields(chosen, **{key: best})
-    logging.info("study: %s = %s (val %s)", key, best, scores)
+    logging.info("select: %s = %s (val %s)", key, best, scores)
   return chosen, table
 
 
@@ -379,8 +392,9 @@ def _diagnostic_sections(diags: Mapping[str, Any]) -> list[str]:
   return lines
 
 
-def render(data: Mapping[str, Any]) -> str:
-  """RESULTS.md from :func:`study_data`'s dict (as read back from ``study.json``).
+def render(data: Mapping[str, Any], sections: Sequence[str] = ()) -> str:
+  """RESULTS.md from :func:`study_data`'s dict (as read back from ``study.json``), with
+  ``sections`` (Markdown, e.g. the regime map's) after the title.
 
   Raises:
     ValueError: ``data`` has no ``config`` (a ``study.json`` written before it was kept).
@@ -398,6 +412,8 @@ def render(data: Mapping[str, Any]) -> str:
   text = [
     "# Results of the robust fine-tuning study",
     "",
+    *[part for section in sections for part in (section.rstrip("\n"), "")],
+    *(["## The default cell in depth (`python -m experiments.study`)", ""] if sections else []),
     _intro(data),
     "",
     "## Verdict",
@@ -502,14 +518,15 @@ def render_figures(
   return written, skipped
 
 
-def render_results(out_dir: str | os.PathLike) -> dict[str, Any]:
-  """Re-renders ``<out_dir>/RESULTS.md`` and the plots from ``<out_dir>/results/study.json``
-  alone (nothing is run); ``{"path": RESULTS.md, "figures": [...], "skipped": [...]}``
-  (see :func:`render_figures`)."""
+def render_results(out_dir: str | os.PathLike, sections: Sequence[str] = ()) -> dict[str, Any]:
+  """Re-renders ``<out_dir>/RESULTS.md`` (with ``sections``, see :func:`render`) and the plots
+  from ``<out_dir>/results/study.json`` alone (nothing is run); ``{"path": RESULTS.md,
+  "figures": [...], "skipped": [...]}`` (see :func:`render_figures`). The whole of
+  RESULTS.md, with the regime map, is :func:`experiments.analysis.results_md.write`."""
   out = epath.Path(out_dir)
   data = json.loads((out / "results" / "study.json").read_text())
   path = out / "RESULTS.md"
-  path.write_text(render(data))
+  path.write_text(render(data, sections))
   figures, skipped = render_figures(data, out)
   for line in skipped:
     logging.warning("study: %s", line)
@@ -517,8 +534,9 @@ def render_results(out_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def study(config: ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs the whole study (see the module docstring): writes ``results/study.json``, then
-  RESULTS.md and the plots from it; ``{"results", "path" (RESULTS.md), "info"}``."""
+  """Runs the whole study (see the module docstring): writes ``results/study.json``;
+  ``{"results", "out" (the output directory), "info"}``. RESULTS.md and the plots are
+  rendered from it by :func:`experiments.analysis.results_md.write`."""
   t0 = time.perf_counter()
   env = environment.setup(_plan(config, workdir))
   seconds: dict[str, float | None] = {}
@@ -560,5 +578,4 @@ def study(config: ConfigDict, workdir: str) -> dict[str, Any]:
   (out / "results" / "study.json").write_text(
     json.dumps(study_data(config, agg, ood, selection, diags, ratios, layers0, info), indent=1)
   )
-  rendered = render_results(out)
-  return {"results": agg, "path": rendered["path"], "info": info}
+  return {"results": agg, "out": out, "info": info}

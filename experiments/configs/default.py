@@ -28,6 +28,10 @@ def get_config() -> ConfigDict:
   c.data = ConfigDict()
   c.data.task = "shapes"
   c.data.task_kwargs = ConfigDict({"config": "transfer"})
+  # Fine-tune on the first train_size records of the task's train split (a TFDS slice: a
+  # class-random sample, nested across sizes); 0 means all of them. The pre-training, held-out,
+  # val and test splits do not change.
+  c.data.train_size = 0
   c.data.data_dir = ""  # TFDS data_dir; "" means <workdir>/data
   c.data.eval_batch_size = 500
   # Augmentation and loading (experiments.data.options.InputOptions; a key nothing

@@ -15,6 +15,7 @@ A :class:`Task` names every split an experiment uses as a :class:`SplitRef`
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Mapping, Sequence
 
 from experiments.data import render, shapes
@@ -185,6 +186,27 @@ def imagenet_task(
     mean=IMAGENET_MEAN,
     std=IMAGENET_STD,
   )
+
+
+def first_records(ref: SplitRef, n: int) -> SplitRef:
+  """The first ``n`` records of ``ref`` as a TFDS slice (``real_train`` -> ``real_train[:n]``).
+
+  TFDS stores a split shuffled by key hash, so the first ``n`` records are a class-random
+  sample, and the slices of smaller ``n`` are nested in those of larger ones.
+
+  Raises:
+    ValueError: ``n`` is not a positive integer, or ``ref`` is a slice that does not start at
+      the split's first record (its first ``n`` records have no TFDS slice syntax).
+  """
+  if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    raise ValueError(f"the number of records must be a positive integer, got {n!r}")
+  m = re.fullmatch(r"([^\[\]]+)(?:\[0?:[^\]]*\])?", ref.split)
+  if m is None:
+    raise ValueError(
+      f"cannot take the first {n} records of {ref}: the split must be whole or a slice "
+      "from its start (e.g. 'train' or 'train[:-2000]')"
+    )
+  return SplitRef(ref.dataset, f"{m[1]}[:{n}]")
 
 
 TASKS: dict[str, Callable[..., Task]] = {

@@ -298,7 +298,7 @@ def test_markdown_table_and_summary():
 
 
 def test_study_selects_runs_seeds_and_writes_results(tiny_config, tmp_path):
-  from experiments.analysis import study  # noqa: PLC0415
+  from experiments.analysis import results_md, study  # noqa: PLC0415
   from experiments.configs import study as study_config  # noqa: PLC0415
 
   config = study_config.get_config()
@@ -313,6 +313,8 @@ def test_study_selects_runs_seeds_and_writes_results(tiny_config, tmp_path):
   config.study.select = (("lp", "lp.train.optimizer.lr", (0.05, 0.5)),)
   config.study.out = os.fspath(tmp_path / "out")
   out = study.study(config, os.fspath(tmp_path))
+  assert not (tmp_path / "out" / "RESULTS.md").exists()  # the JSON first, rendered from it:
+  results_md.write(out["out"])
   text = (tmp_path / "out" / "RESULTS.md").read_text()
   for needle in (
     "## Verdict",

@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from experiments import models
-from experiments.data import pipeline, shapes, sources, tasks
+from experiments.data import pipeline, sources, tasks
 from experiments.plan import ConfigError, Plan, PretrainSpec, RunSpec, get_task, train_size
 from experiments.training import distributed, evaluation, loop, weights
 from experiments.types import PyTree
@@ -256,7 +256,7 @@ class Environment:
 def prepare_data(plan: Plan, task: tasks.Task) -> None:
   """Builds the built-in benchmark on process 0 if it is missing, then syncs processes."""
   if task.builtin_config is not None and jax.process_index() == 0:
-    shapes.prepare(task.builtin_config, plan.data_dir)
+    sources.prepare_builtin(task.train.dataset, task.builtin_config, plan.data_dir)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # noqa: PLC0415
 

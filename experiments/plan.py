@@ -53,6 +53,7 @@ TOP_LEVEL_KEYS = (
   "diagnose",
   "study",
   "regimes",
+  "mechanism",
   "mesh",
   "shard_min_size",
 )

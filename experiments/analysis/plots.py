@@ -359,3 +359,50 @@ def gains_vs_ft(
   axes[1].set_xticks(x)
   axes[1].set_xticklabels(methods, rotation=45, ha="right", fontsize=8)
   return _save(fig, path, dpi=120)
+
+
+def radius_updates(
+  path: str | os.PathLike,
+  steps: Sequence[int],
+  series: Mapping[str, Mapping[str, Sequence[float]]],
+) -> epath.Path:
+  """TPGM's radius updates, one column per tensor: the radius and its clip bound (top), the
+  held-out radius gradient and the radius optimizer's step (bottom).
+
+  Args:
+    path: the image file to write.
+    steps: the step of every value.
+    series: tensor path -> ``{"r_prev", "bound", "grad", "step"}`` per step
+      (:mod:`experiments.analysis.mechanism`).
+
+  Returns:
+    ``path``.
+  """
+  _, plt = _matplotlib()
+  k = max(len(series), 1)
+  fig, axes = plt.subplots(2, k, figsize=(3.6 * k, 6), squeeze=False, sharex=True)
+  for j, (name, s) in enumerate(series.items()):
+    top, bottom = axes[0, j], axes[1, j]
+    top.plot(steps, s["bound"], color="tab:grey", lw=1, label="bound: max(norms) of candidate")
+    top.plot(steps, s["r_prev"], color="tab:red", lw=1.2, label="radius")
+    top.set_yscale("log")
+    top.set_title(name.removesuffix("/kernel"), fontsize=8)
+    grad = np.asarray(s["grad"], dtype=float)
+    bottom.scatter(
+      steps, np.sign(grad), s=2, color=np.where(grad < 0, "tab:green", "tab:red"), alpha=0.5
+    )
+    bottom.set_ylim(-1.5, 1.5)
+    bottom.set_yticks([-1, 1], ["grow", "shrink"], fontsize=7)
+    twin = bottom.twinx()
+    twin.plot(steps, s["step"], color="tab:blue", lw=0.8, label="optimizer step")
+    twin.axhline(0, color="black", lw=0.5)
+    if j == k - 1:
+      twin.set_ylabel("radius optimizer step", fontsize=8)
+    bottom.set_xlabel("step")
+    if j == 0:
+      top.set_ylabel("radius / bound")
+      bottom.set_ylabel("held-out gradient sign")
+      top.legend(fontsize=7)
+      twin.legend(fontsize=7, loc="lower right")
+  fig.suptitle("TPGM radius updates: radius vs its clip bound; gradient sign and step")
+  return _save(fig, path, dpi=120)

@@ -50,6 +50,8 @@ def get_config() -> ConfigDict:
       batch_size=128,
     )
   )
+  # python -m experiments.mechanism: the run whose radius updates are traced.
+  c.mechanism = ConfigDict(dict(method="tpgm"))
   c.study = ConfigDict()
   c.study.seeds = (0, 1, 2)
   c.study.select_seed = 0

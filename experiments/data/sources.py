@@ -5,7 +5,7 @@ Splits are read with random access from array_record files
 grain transformation decodes them (:mod:`experiments.data.augment`). Data sets
 that TFDS cannot build offline must be prepared beforehand; when one is
 missing :class:`DatasetNotPreparedError` names it and the ``data_dir``. The
-built-in ``multidomain_shapes`` benchmark is built on first use. Splits small
+built-in benchmarks (``multidomain_shapes``, ``real_digits``) are built on first use. Splits small
 enough (``InputOptions.cache_max_mb``) are decoded once and held in memory.
 """
 
@@ -22,7 +22,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
-from experiments.data import augment, shapes
+from experiments.data import augment, digits, shapes
 from experiments.data.options import InputOptions, available_cores
 from experiments.data.tasks import INFER_FROM_LABELS, SplitRef, Task
 
@@ -39,6 +39,19 @@ def _describe_data_dir(data_dir) -> str:
   )
 
 
+#: The built-in data sets (built on first use, nothing downloaded): name -> ``prepare``.
+BUILTIN = {shapes.NAME: shapes.prepare, digits.NAME: digits.prepare}
+
+
+def prepare_builtin(dataset: str, config: str, data_dir: str | os.PathLike | None = None):
+  """Builds config ``config`` of the built-in data set of ``dataset`` (``name/config``) unless
+  prepared; returns its builder."""
+  name = dataset.split("/")[0]
+  if name not in BUILTIN:
+    raise ValueError(f"{dataset!r} is not a built-in data set ({sorted(BUILTIN)})")
+  return BUILTIN[name](config, data_dir)
+
+
 def open_data_source(
   ref: SplitRef,
   data_dir: str | os.PathLike | None = None,
@@ -48,12 +61,12 @@ def open_data_source(
 ) -> Sequence[dict]:
   """The random-access TFDS data source of ``ref`` (its slice of the split).
 
-  If ``builtin_config`` is set the ``multidomain_shapes`` config is built
-  when missing; any other dataset must already be prepared, otherwise
+  If ``builtin_config`` is set that config of the built-in data set (:data:`BUILTIN`) is
+  built when missing; any other dataset must already be prepared, otherwise
   :class:`DatasetNotPreparedError` is raised.
   """
   if builtin_config is not None:
-    builder = shapes.prepare(builtin_config, data_dir)
+    builder = prepare_builtin(ref.dataset, builtin_config, data_dir)
   else:
     try:
       builder = tfds.builder(ref.dataset, data_dir=data_dir)

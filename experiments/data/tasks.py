@@ -9,7 +9,7 @@ A :class:`Task` names every split an experiment uses as a :class:`SplitRef`
 * ``test``: ID test; ``ood``: name -> out-of-distribution test split;
 * ``pretrain`` (built-in benchmark only): the pre-training data.
 
-:func:`get_task` builds a preset (``shapes``, ``domainnet``, ``imagenet``).
+:func:`get_task` builds a preset (``shapes``, ``digits``, ``domainnet``, ``imagenet``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
 
-from experiments.data import render, shapes
+from experiments.data import digits, render, shapes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -53,8 +53,8 @@ class Task:
   the logit indices that set is evaluated on (e.g. ImageNet-A/-R: 200 of the
   1000 ImageNet classes), or to :data:`INFER_FROM_LABELS`; see :func:`class_subset`.
   ``mean``/``std`` are per channel on the [0, 1] scale.  ``builtin_config``
-  names the ``multidomain_shapes`` config to build on first use (None for
-  external datasets).  ``pretrain_num_classes`` is the size of the
+  names the config of the built-in data set (``multidomain_shapes`` or ``real_digits``, the
+  splits' data set) to build on first use (None for external datasets).  ``pretrain_num_classes`` is the size of the
   pre-training split's label space when it differs from ``num_classes``
   (the pre-trained head is never loaded for fine-tuning).
   """
@@ -127,6 +127,32 @@ def shapes_task(
     heldout=SplitRef(ds, f"{id_domain}_heldout"),
     val=SplitRef(ds, f"{id_domain}_val"),
     test=SplitRef(ds, f"{id_domain}_test"),
+    ood={d: SplitRef(ds, f"{d}_test") for d in ood_domains},
+    pretrain=SplitRef(ds, "pretrain"),
+    builtin_config=config,
+  )
+
+
+def digits_task(
+  config: str = "transfer", ood_domains: Sequence[str] = ("mnist", *digits.CORRUPTIONS)
+) -> Task:
+  """The real-data benchmark (:mod:`experiments.data.digits`): pre-trained on MNIST,
+  fine-tuned on scikit-learn's digits; OOD = ``ood_domains`` among MNIST and four corruptions
+  of the ID test set."""
+  if config not in digits.CONFIGS:
+    raise ValueError(f"unknown real_digits config {config!r}; known: {sorted(digits.CONFIGS)}")
+  known = ("mnist", *digits.CORRUPTIONS)
+  if not ood_domains or any(d not in known for d in ood_domains):
+    raise ValueError(f"real_digits ood_domains must be among {known}, got {tuple(ood_domains)}")
+  ds = f"{digits.NAME}/{config}"
+  return Task(
+    name="digits",
+    num_classes=10,
+    image_size=digits.IMAGE_SIZE,
+    train=SplitRef(ds, "train"),
+    heldout=SplitRef(ds, "heldout"),
+    val=SplitRef(ds, "val"),
+    test=SplitRef(ds, "test"),
     ood={d: SplitRef(ds, f"{d}_test") for d in ood_domains},
     pretrain=SplitRef(ds, "pretrain"),
     builtin_config=config,
@@ -211,13 +237,15 @@ def first_records(ref: SplitRef, n: int) -> SplitRef:
 
 TASKS: dict[str, Callable[..., Task]] = {
   "shapes": shapes_task,
+  "digits": digits_task,
   "domainnet": domainnet_task,
   "imagenet": imagenet_task,
 }
 
 
 def get_task(name: str, **kwargs) -> Task:
-  """A preset task by name (``shapes``, ``domainnet``, ``imagenet``); kwargs go to the preset."""
+  """A preset task by name (``shapes``, ``digits``, ``domainnet``, ``imagenet``); kwargs go to
+  the preset."""
   if name not in TASKS:
     raise KeyError(f"unknown task {name!r}; presets: {sorted(TASKS)}")
   return TASKS[name](**kwargs)

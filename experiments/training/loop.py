@@ -191,12 +191,30 @@ class Step(NamedTuple):
   create: Callable[[PyTree], PyTree]
 
 
-def build_step(setup: TrainSetup) -> Step:
-  """The train step of ``setup``: ``jax.eval_shape`` -> shardings -> ``jax.jit``."""
-  train_cfg, model, mesh, method = setup.train, setup.model, setup.mesh, setup.method
-  init_key, state_key = jax.random.split(jax.random.key(setup.seed))
-  init_fn = lambda: setup.init(init_key)  # noqa: E731
-  abstract_params = jax.eval_shape(init_fn)
+class Transform(NamedTuple):
+  """A run's optimizer (see :func:`transform`).
+
+  Attributes:
+    tx: the whole update: the method on the inner optimizer, frozen groups zeroed.
+    constrained: bool pytree of the tensors the method keeps near the anchor (None without
+      a method).
+    trained: bool pytree of the tensors that are not frozen.
+  """
+
+  tx: optax.GradientTransformation
+  constrained: PyTree | None
+  trained: PyTree
+
+
+def transform(
+  setup: TrainSetup,
+  abstract_params: PyTree,
+  wrap_inner: Callable[[optax.GradientTransformation], optax.GradientTransformation] = None,
+) -> Transform:
+  """The optimizer of ``setup`` for params shaped like ``abstract_params``: the inner
+  optimizer of ``setup.train.optimizer`` (passed through ``wrap_inner`` if given, e.g. to
+  observe its updates), the method on it, frozen groups zeroed."""
+  train_cfg, method = setup.train, setup.method
   rules = train_cfg.get("param_groups", ALL_PARAMS)
   optimizers.param_groups(abstract_params, rules)  # every parameter in exactly one group
   constrained = (
@@ -205,14 +223,26 @@ def build_step(setup: TrainSetup) -> Step:
     else None
   )
   inner = optimizers.optimizer(train_cfg.optimizer, train_cfg.steps)
+  if wrap_inner is not None:
+    inner = wrap_inner(inner)
   if method is None:
     tx = inner
   else:
-    heldout_loss = lambda p, b: cross_entropy(model, p, b, setup.task)  # noqa: E731
+    heldout_loss = lambda p, b: cross_entropy(setup.model, p, b, setup.task)  # noqa: E731
     tx = method.transform(methods.Context(setup.section, inner, constrained, heldout_loss))
   frozen = train_cfg.get("frozen", ())
   tx = optimizers.freeze(tx, abstract_params, rules, frozen)
   trained = jax.tree.map(lambda f: not f, optimizers.group_mask(abstract_params, rules, frozen))
+  return Transform(tx, constrained, trained)
+
+
+def build_step(setup: TrainSetup) -> Step:
+  """The train step of ``setup``: ``jax.eval_shape`` -> shardings -> ``jax.jit``."""
+  train_cfg, model, mesh, method = setup.train, setup.model, setup.mesh, setup.method
+  init_key, state_key = jax.random.split(jax.random.key(setup.seed))
+  init_fn = lambda: setup.init(init_key)  # noqa: E731
+  abstract_params = jax.eval_shape(init_fn)
+  tx, constrained, trained = transform(setup, abstract_params)
   radii_fn = method.radii if method is not None else None
   lr = optimizers.schedule(train_cfg.optimizer, train_cfg.steps)
   # The distance metrics need the anchor: a method that records it (TPGM, FTP, SPD,
@@ -345,7 +375,7 @@ def train(setup: TrainSetup, workdir: str | epath.Path) -> dict[str, Any]:
     # Batch `step` of the stream is a pure function of (seed, step): resuming at `start`
     # feeds exactly the batches the interrupted run would have seen.
     data = stack.enter_context(contextlib.closing(setup.data(train_cfg.batch_size, start)))
-    heldout = _heldout_feed(setup, start, stack)
+    heldout = heldout_feed(setup, start, stack)
     log = _MetricsLog(workdir / "metrics.jsonl", start, primary)
     bar = tqdm.tqdm(
       total=train_cfg.steps,
@@ -410,7 +440,7 @@ def _initial_state(ckpt, built: Step, setup: TrainSetup, metadata: dict[str, Any
   return built.create(params)
 
 
-def _heldout_feed(setup: TrainSetup, start: int, stack: contextlib.ExitStack):
+def heldout_feed(setup: TrainSetup, start: int, stack: contextlib.ExitStack):
   """``feed(step)`` -> the held-out batches due at ``step``, or None; a pure function of it.
 
   With ``(every, iters) = method.heldout(section)``, step ``k * every``

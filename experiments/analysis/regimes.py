@@ -94,25 +94,69 @@ def _selected(row: str, selection: Sequence[Mapping[str, Any]], plan) -> dict[st
   return out
 
 
-def run_cell(config: ConfigDict, cell: str, workdir: str) -> dict[str, Any]:
+class NotFinished(Exception):  # noqa: N818 (a state, not an error)
+  """A run the cell needs has not finished (raised by :func:`run_cell` with ``partial``)."""
+
+
+def _reuse_only(env, plan):
+  """:func:`experiments.runner.execute` on runs that finished already; else NotFinished."""
+  if any(runner.cached_results(s) is None for s in plan):
+    raise NotFinished
+  return runner.execute(env, plan)
+
+
+def run_cell(config: ConfigDict, cell: str, workdir: str, *, partial: bool = False) -> dict:
   """Selects, runs and summarises one cell (see the module docstring); the cell's dict
-  (also written to ``<workdir>/<config.name>/cells/<cell>.json``)."""
+  (also written to ``<workdir>/<config.name>/cells/<cell>.json``).
+
+  With ``partial``, nothing is run: the summary holds what has finished so far (the
+  selection entries whose every value finished, then the seeds whose every run finished),
+  ``"complete": False`` if anything is missing; it is written to ``cells/<cell>.partial.json``
+  and never replaces a complete summary.
+  """
   cfg = cell_config(config, cell)
   spec = config.regimes.cells[cell]
   settings = config.regimes
   env = environment.setup(make_plan(cfg, workdir, device_count=jax.device_count()))
   t0 = time.perf_counter()
   seconds: dict[str, float | None] = {}
-  chosen, selection = study_lib.select(
-    cfg, env, seconds, grid=settings.select, seed=settings.select_seed
-  )
+  execute = _reuse_only if partial else runner.execute
   size, ood = _train_records(env), list(env.task.ood)
-  recs = []
-  for seed in settings.seeds:
-    plan = make_plan(with_fields(chosen, seed=seed), workdir, device_count=jax.device_count())
-    outcome = runner.execute(env, plan)
+  recs, selection, complete = [], [], True
+  try:
+    for entry in settings.select:  # one entry at a time, so a partial summary keeps the done
+      chosen, found = study_lib.select(
+        with_fields(cfg, **{s["key"]: s["chosen"] for s in selection}),
+        env,
+        seconds,
+        grid=(entry,),
+        seed=settings.select_seed,
+        execute=execute,
+      )
+      selection += found
+  except NotFinished:
+    complete = False
+  chosen = with_fields(cfg, **{s["key"]: s["chosen"] for s in selection})
+  pending = {e[0] for e in settings.select[len(selection) :]}  # methods not selected yet
+  seeds = settings.seeds if complete else (settings.select_seed,)
+  # In full, one plan per seed; partial, one plan per method and seed (what finished).
+  groups = (
+    [(seed, None) for seed in seeds]
+    if not partial
+    else [(seed, (m,)) for seed in seeds for m in cfg.methods if m not in pending]
+  )
+  for seed, names in groups:
+    fields = {"seed": seed} if names is None else {"seed": seed, "methods": names}
+    plan = make_plan(with_fields(chosen, **fields), workdir, device_count=jax.device_count())
+    try:
+      outcome = execute(env, plan)
+    except NotFinished:
+      complete = False
+      continue
     seconds.update(study_lib._seconds(plan))
     for row, accs in outcome.results.items():
+      if names is not None and _method_of(row) not in names:
+        continue  # a dependency's row: recorded under its own method
       recs.append(
         {
           "benchmark": spec.benchmark,
@@ -131,6 +175,7 @@ def run_cell(config: ConfigDict, cell: str, workdir: str) -> dict[str, Any]:
   timed = [s for s in seconds.values() if s is not None]
   out = {
     "cell": cell,
+    "complete": complete,
     "hash": cell_hash(config, cell),
     "benchmark": spec.benchmark,
     "train_size": size,
@@ -146,7 +191,7 @@ def run_cell(config: ConfigDict, cell: str, workdir: str) -> dict[str, Any]:
     f"{jax.device_count()} {jax.default_backend()} device(s)",
   }
   if jax.process_index() == 0:
-    path = _cell_path(config, workdir, cell)
+    path = _cell_path(config, workdir, cell, partial=not complete)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
   return out
@@ -156,8 +201,8 @@ def cell_hash(config: ConfigDict, cell: str) -> str:
   """A hash of everything a cell's result depends on (its config, grids and seeds)."""
   settings = config.regimes
   cfg = cell_config(config, cell).to_dict()
-  cfg.pop("regimes", None)
-  cfg.pop("study", None)
+  for key in ("regimes", "study", "mechanism"):  # settings of the write-ups, not of the runs
+    cfg.pop(key, None)
   return config_hash(
     {
       "config": cfg,
@@ -168,23 +213,26 @@ def cell_hash(config: ConfigDict, cell: str) -> str:
   )
 
 
-def _cell_path(config: ConfigDict, workdir: str, cell: str) -> epath.Path:
-  return epath.Path(workdir) / config.name / "cells" / f"{cell}.json"
+def _cell_path(config: ConfigDict, workdir: str, cell: str, partial=False) -> epath.Path:
+  suffix = ".partial.json" if partial else ".json"
+  return epath.Path(workdir) / config.name / "cells" / f"{cell}{suffix}"
 
 
 def finished_cells(config: ConfigDict, workdir: str) -> list[dict[str, Any]]:
   """The summaries of the cells of ``config`` that finished with the current config (in
-  ``regimes.cells`` order; a summary of an older config is left out, with a warning)."""
+  ``regimes.cells`` order; a summary of an older config is left out, with a warning); a
+  partial summary (:func:`run_cell` with ``partial``) stands in for a cell not finished."""
   out = []
   for cell in config.regimes.cells:
-    path = _cell_path(config, workdir, cell)
-    if not path.exists():
-      continue
-    data = json.loads(path.read_text())
-    if data.get("hash") != cell_hash(config, cell):
-      logging.warning("regimes: %s was made with another config; run the cell again", path)
-      continue
-    out.append(data)
+    want = cell_hash(config, cell)
+    for partial in (False, True):
+      path = _cell_path(config, workdir, cell, partial=partial)
+      data = json.loads(path.read_text()) if path.exists() else None
+      if data is not None and data.get("hash") == want:
+        out.append(data)
+        break
+      if data is not None:
+        logging.warning("regimes: %s was made with another config; run the cell again", path)
   return out
 
 
@@ -207,7 +255,8 @@ def meta(cells: Sequence[Mapping[str, Any]], config: ConfigDict) -> dict[str, An
     "seeds": list(config.regimes.seeds),
     "select_seed": config.regimes.select_seed,
     "cells": {
-      c["cell"]: {
+      c["cell"]: {"complete": c.get("complete", True)}
+      | {
         k: c[k]
         for k in (
           "benchmark",
@@ -300,7 +349,8 @@ def verdict(rows: Mapping[str, Mapping[str, Any]], method: str) -> dict[str, Any
 def _verdict_line(method: str, v: Mapping[str, Any]) -> str:
   parts = [
     f"{method}: ID {v['d_id']:+.1f} vs FT, OOD x{v['ood_ratio']:.2f} FT's: promise (OOD >= "
-    f"{OOD_FACTOR}x FT at ID >= FT - {ID_SLACK:g}) {'**reached**' if v['promise'] else 'not reached'}"
+    f"{OOD_FACTOR}x FT at ID >= FT - {ID_SLACK:g}) "
+    + ("**reached**" if v["promise"] else "not reached")
   ]
   if v["vs_wise"] is None:
     parts.append("its ID lies outside the WiSE-FT curve")
@@ -382,7 +432,9 @@ def render(recs: Sequence[Mapping[str, Any]], meta_data: Mapping[str, Any], run_
   ``regimes_meta.json`` (as read back)."""
   agg = aggregate(recs)
   cells_meta = meta_data["cells"]
-  cells = [dict(cell=c, **m) for c, m in cells_meta.items() if c in agg]
+  cells = [dict(cell=c, **m) for c, m in cells_meta.items()]
+  for c in cells:
+    agg.setdefault(c["cell"], {})
   total = sum(c["runs_min"] for c in cells)
   runs = sum(c["runs"] for c in cells)
   benchmarks = list(dict.fromkeys(c["benchmark"] for c in cells))
@@ -413,6 +465,17 @@ def render(recs: Sequence[Mapping[str, Any]], meta_data: Mapping[str, Any], run_
       f"### {c['cell']}: {c['benchmark']}, {c['train_size']} training images, {c['steps']} steps",
       "",
     ]
+    if not c.get("complete", True):
+      lines += [
+        f"**Partial** ({c['runs']} runs finished so far; the map resumes from them): the "
+        "selection grids finished so far"
+        + (
+          ", and the seeds listed in the table."
+          if rows
+          else "; no method has run with every seed yet."
+        ),
+        "",
+      ]
     if p is not None:
       lines.append(
         f"- Premise: FT - LP = {p['ft_minus_lp_id']:+.1f} ID, LP - FT = "
@@ -470,7 +533,8 @@ RUN_COMMAND = "python -m experiments.regimes --config experiments/configs/regime
 
 def collect(config: ConfigDict, workdir: str, out_dir: str | os.PathLike) -> epath.Path:
   """Writes ``<out_dir>/results/regimes.json`` and ``regimes_meta.json`` from the finished
-  cells (those files' records of other cells are kept: nothing finished is lost); returns ``<out_dir>`` (render with :func:`experiments.analysis.results_md.write`)."""
+  cells (those files' records of other cells are kept: nothing finished is lost); returns
+  ``<out_dir>`` (render with :func:`experiments.analysis.results_md.write`)."""
   cells = finished_cells(config, workdir)
   out = epath.Path(out_dir)
   (out / "results").mkdir(parents=True, exist_ok=True)
@@ -507,5 +571,5 @@ def regime_map(config: ConfigDict, workdir: str) -> epath.Path:
     cell_config(config, cell)  # every name checked before anything runs
   for cell in todo:
     logging.info("regimes: cell %s", cell)
-    run_cell(config, cell, workdir)
+    run_cell(config, cell, workdir, partial=config.regimes.partial)
   return collect(config, workdir, config.regimes.out or f"{workdir}/{config.name}")

@@ -72,11 +72,13 @@ def select(
   *,
   grid: Any = None,
   seed: int | None = None,
+  execute: Any = runner.execute,
 ) -> tuple[ConfigDict, list[dict[str, Any]]]:
   """Picks every value of ``grid`` (default ``config.study.select``: ``(method, field,
   values)`` entries, in order; later entries see the earlier choices) on ID val with seed
   ``seed`` (default ``config.study.select_seed``); records each run's computation time in
-  ``seconds`` (see :func:`_seconds`).
+  ``seconds`` (see :func:`_seconds`). ``execute(env, plan)`` runs a plan (default
+  :func:`experiments.runner.execute`).
 
   Returns:
     ``(config with the chosen values, [{"method", "key", "scores", "chosen", "default"}])``.
@@ -90,7 +92,7 @@ def select(
     for value in values:
       cfg = with_fields(chosen, seed=seed, methods=(method,), **{key: value})
       plan = _plan(cfg, env.plan.workdir)
-      found = runner.execute(env, plan).results
+      found = execute(env, plan).results
       seconds.update(_seconds(plan))
       scores[value] = found[method]["val"]
     best = max(values, key=lambda v: scores[v])

@@ -43,12 +43,15 @@ def get_config() -> ConfigDict:
   c.regimes.select_seed = 0
   c.regimes.run = ()  # cells to run now; () means every cell, in order
   c.regimes.out = ""  # "" means <workdir>/<name>; "." writes results/ and RESULTS.md here
+  c.regimes.partial = False  # True: run nothing, summarise what has finished (partial cells)
   c.regimes.render_only = False  # True: only re-render RESULTS.md from results/regimes*.json
   # Benchmark -> ((config field, value), ...) on top of this config.
-  c.regimes.benchmarks = ConfigDict({"shapes": ()})
+  c.regimes.benchmarks = ConfigDict({"shapes": (), "digits": (("data.task", "digits"),)})
   c.regimes.cells = ConfigDict(
     {
       "shapes_scarce": {"benchmark": "shapes", "train_size": 1000, "steps": 400},
+      "digits_all": {"benchmark": "digits", "train_size": 0, "steps": 400},
+      "digits_scarce": {"benchmark": "digits", "train_size": 250, "steps": 400},
       "shapes_default": {"benchmark": "shapes", "train_size": 0, "steps": 400},
       "shapes_mid": {"benchmark": "shapes", "train_size": 4000, "steps": 400},
       "shapes_long": {"benchmark": "shapes", "train_size": 0, "steps": 1600},

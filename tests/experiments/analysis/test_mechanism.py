@@ -36,11 +36,10 @@ def test_trace_replays_the_run_and_its_parts_add_up(tiny_config, tmp_path):
   for prev, nxt in zip(rows, rows[1:]):  # the state carries r_new to the next step
     np.testing.assert_allclose(nxt["r_prev"], prev["r_new"], rtol=1e-6)
   summary = mechanism.summarise(data)
-  for t in summary["per_tensor"]:  # r_T = r_0 + clip cuts + optimizer steps
-    assert t["r_final"] == pytest.approx(
-      t["r0"] + t["clip_cut"] + t["opt_up"] + t["opt_down"], rel=1e-4, abs=1e-7
-    )
-    assert t["clip_cut"] <= 0 <= t["opt_up"] and t["opt_down"] <= 0
+  for t in summary["per_tensor"]:  # r_T = r_0 + what the clip adds and cuts + the steps
+    parts = t["r0"] + t["clip_floor"] + t["clip_ceiling"] + t["opt_up"] + t["opt_down"]
+    assert t["r_final"] == pytest.approx(parts, rel=1e-4, abs=1e-7)
+    assert t["clip_ceiling"] <= 0 <= t["clip_floor"] and t["opt_down"] <= 0 <= t["opt_up"]
   # The first radius is min(norms) / 2 of the first candidate, below its bound.
   assert all(r <= b for r, b in zip(rows[0]["r_prev"], rows[0]["bound"]))
   lines = mechanism.findings(summary, data["info"])

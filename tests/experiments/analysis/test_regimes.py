@@ -97,12 +97,30 @@ def test_regime_map_selects_per_cell_records_every_run_and_resumes(tiny_config, 
   assert again["records"] == [
     r for r in json.loads((tmp_path / "regimes" / "cells" / "small.json").read_text())["records"]
   ]
-  # Another workdir that finishes only "small" keeps the other cell's committed records.
-  other = _config(tiny_config, tmp_path)
-  other.regimes.run = ("small",)
-  regimes.regime_map(other, os.fspath(tmp_path / "elsewhere"))
+  # Collecting from another workdir where only "small" finished keeps the other cell's
+  # records already in the output (nothing finished is lost) and replaces "small"'s.
+  elsewhere = tmp_path / "elsewhere" / "regimes" / "cells"
+  elsewhere.mkdir(parents=True)
+  (elsewhere / "small.json").write_text((tmp_path / "regimes" / "cells" / "small.json").read_text())
+  regimes.collect(config, os.fspath(tmp_path / "elsewhere"), out)
   merged = json.loads((out / "results" / "regimes.json").read_text())
   assert sorted(merged, key=json.dumps) == sorted(recs, key=json.dumps)
+  # Partial: nothing runs; what finished is summarised (the selection entries done, then seed
+  # 0 of the methods with nothing left to select), into cells/<cell>.partial.json.
+  more = _config(tiny_config, tmp_path)
+  more.regimes.select = (*config.regimes.select, ("lp", "lp.train.optimizer.lr", (0.011, 0.012)))
+  more.regimes.partial = True
+  before = sorted(os.listdir(tmp_path / "regimes"))
+  part = regimes.run_cell(more, "small", os.fspath(tmp_path), partial=True)
+  assert sorted(os.listdir(tmp_path / "regimes")) == before  # nothing was run
+  assert not part["complete"] and len(part["selection"]) == 2
+  assert {(r["method"], r["seed"]) for r in part["records"]} == {("ft", 0), ("tpgm", 0)}
+  assert (tmp_path / "regimes" / "cells" / "small.partial.json").exists()
+  assert [c["cell"] for c in regimes.finished_cells(more, os.fspath(tmp_path))] == ["small"]
+  # A cell summary made with another config is not mixed in.
+  changed = _config(tiny_config, tmp_path)
+  changed.regimes.seeds = (0,)
+  assert [c["cell"] for c in regimes.finished_cells(changed, os.fspath(tmp_path))] == []
 
 
 def test_regime_section_renders_premise_verdict_tables_and_figure(tiny_config, tmp_path):

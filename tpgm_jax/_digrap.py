@@ -225,4 +225,5 @@ def _digrap_tensor(
   step, mu, nu = _wrapper.scalar_adam(h, mu, nu, count, OMEGA_B1, OMEGA_B2, EPS)
   omega = jnp.clip(omega - lr * step, 0.0, max_strength)
   new_g = jnp.where(dot < 0, gc - omega * p, gc).astype(jnp.result_type(g))
-  return new_g, omega, mu, nu, p
+  # p_t reuses the donated buffer of p_{t-1}, which h reads.
+  return new_g, omega, mu, nu, _wrapper.in_place(h, count, prev_p, p)

@@ -239,4 +239,6 @@ def _ftp_tensor(
   gamma = _projection.clip_radius(gamma - GAMMA_LR * step, norms)
   new_w = w0.astype(ct) + jnp.clip(gamma / norms, 0.0, 1.0) * c
   update = (new_w - w.astype(ct)).astype(jnp.result_type(u))
-  return update, gamma, mu, nu, c.astype(prev_c.dtype), norms
+  # c_t and n_t reuse the donated buffers of c_{t-1} and n_{t-1}, which h reads.
+  c = _wrapper.in_place(h, count, prev_c, c.astype(prev_c.dtype))
+  return update, gamma, mu, nu, c, _wrapper.in_place(h, count, prev_n, norms)

@@ -39,7 +39,7 @@ def test_methods_run_in_bfloat16_and_report_their_keys():
   assert set(step_overhead.DEFAULT_METHODS) <= set(step_overhead.METHODS)
 
 
-def test_memory_per_parameter_the_floor_and_the_bfloat16_anchor():
+def test_memory_per_parameter_the_projection_alone_and_the_bfloat16_anchor():
   tiny = dict(
     stage_sizes=(1,), widths=(8,), strides=(1,), stem_width=8, stem_stride=2, norm_groups=4
   )
@@ -66,7 +66,7 @@ def test_memory_per_parameter_the_floor_and_the_bfloat16_anchor():
       + result[f"{key}_temp_bytes"]
     )
     assert isinstance(result[f"{key}_extra_bytes_per_param"], float)
-  assert "project_only_ratio" not in result and result["project_floor_ratio"] > 1
+  assert "project_only_ratio" not in result and result["project_alone_ratio"] > 1
   assert 0 < result["bf16_anchor_max_rel_error"] < 2**-7
 
 

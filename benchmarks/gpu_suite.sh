@@ -14,6 +14,7 @@ set -u -o pipefail
 
 out="${1:-${OUT:-gpu_suite_out}}"
 mkdir -p "$out"
+out="$(cd "$out" && pwd)"  # absolute: the parts run from the repository root
 cd "$(dirname "$0")/.."
 log="$out/suite.log"
 : >"$log"
@@ -39,7 +40,8 @@ part step_clip_resnet50 200 python -m benchmarks.step_overhead --model clip_resn
 part step_clip_vit_b16 170 python -m benchmarks.step_overhead --model clip_vit_b16 \
   --dtype bfloat16 --batch 128 --steps 15 --warmup 3 --methods "$methods"
 cores="$(nproc)"
+workers="$(printf '%s\n' 1 $(((cores + 1) / 2)) "$cores" | sort -nu | paste -sd, -)"
 part input_pipeline 100 python -m benchmarks.input_pipeline \
-  --workers "1,$(((cores + 1) / 2)),$cores" --repeats 2 --batches 16
+  --workers "$workers" --repeats 2 --batches 16
 echo "wrote $out (total ${SECONDS}s)" | tee -a "$log"
 exit "$status"

@@ -4,6 +4,13 @@ Usage::
 
     python -m benchmarks.step_overhead [--model resnet_small] [--dtype float32]
         [--batch 128] [--steps 15] [--warmup 3] [--methods plain,project,...]
+        [--overrides '{"depth": 14}']
+
+A 100 M-parameter model on the CPU (ViT-B/16 with 14 blocks, 100.7 M parameters; slow,
+so a small batch and few rounds)::
+
+    python -m benchmarks.step_overhead --model vit_b16 --overrides '{"depth": 14}'
+        --batch 2 --steps 2 --warmup 1
 
 The paper's recipes on a GPU (bfloat16 params and compute)::
 
@@ -30,9 +37,25 @@ its default size (32x32 for the CPU presets, 224x224 for the paper ones), with
 global pool, dense 10; ~1.2 M parameters), is the project's CPU benchmark.
 ``--dtype bfloat16`` stores the params (and so the optimizer state) and feeds
 the images in bfloat16, so the model computes in bfloat16; the loss is taken in
-float32 and TPGM's radii stay float32. Memory: XLA's
-``compiled.memory_analysis()`` of each step, with params and optimizer state
-donated as in a real training loop.
+float32 and TPGM's radii stay float32.
+
+``project_bf16_anchor`` is ``project`` with ``tpgm(anchor_dtype=jnp.bfloat16)``;
+``bf16_anchor_max_abs_error`` (and ``_rel_error``, over the largest parameter)
+compares one step of the two from the same params. ``project_only`` is the
+projection link alone on fixed updates, a program of its own, and
+``project_alone_ratio = (plain + project_only) / plain`` what the step would cost
+with the projection run after it as a separate program: the projection's own
+arithmetic and memory traffic, unfused (inside the step XLA fuses it with the
+optimizer's update, so it can cost less there).
+
+Memory: XLA's ``compiled.memory_analysis()`` of each step, with params and
+optimizer state donated as in a real training loop: ``*_argument_bytes``,
+``*_output_bytes``, ``*_alias_bytes`` (outputs written into donated arguments),
+``*_temp_bytes`` and ``*_total_bytes = argument + output - alias + temp`` (what
+the step holds at once). ``*_extra_bytes_per_param`` divides the total's excess
+over the method's baseline (its timing baseline; plain SGD for Adam) by the
+number of parameters, ``*_extra_state_bytes_per_param`` the optimizer state's
+(exact: the arrays' sizes). Keys use ``memory_key`` (``tpgm`` for ``project``).
 """
 
 from __future__ import annotations
@@ -107,9 +130,12 @@ class Setup:
 
     return step, ((self._copy(self.params), tx.init(self.params)), self.train)
 
-  def project_step(self) -> tuple[Callable, tuple]:
-    """SGD followed by the TPGM projection with fixed radii."""
-    chain = optax.chain(self.sgd, tpgm_jax.tpgm(norm="mars", mask=NOT_HEAD))
+  def project_step(self, anchor_dtype: Any = None) -> tuple[Callable, tuple]:
+    """SGD followed by the TPGM projection with fixed radii (anchor stored in
+    ``anchor_dtype``; None: the params' dtype)."""
+    chain = optax.chain(
+      self.sgd, tpgm_jax.tpgm(norm="mars", mask=NOT_HEAD, anchor_dtype=anchor_dtype)
+    )
 
     def step(carry, fixed):
       (p, s), (batch, radii) = carry, fixed
@@ -117,6 +143,21 @@ class Setup:
       return optax.apply_updates(p, updates), s
 
     return step, ((self._copy(self.params), chain.init(self.params)), (self.train, self.radii))
+
+  def projection_only(self) -> tuple[Callable, tuple]:
+    """The TPGM projection link alone, on fixed updates (the SGD step's first update):
+    what the projection costs as a program of its own."""
+    tx = tpgm_jax.tpgm(norm="mars", mask=NOT_HEAD)
+    updates, _ = self.sgd.update(
+      jax.grad(self.loss)(self.params, self.train), self.sgd.init(self.params), self.params
+    )
+
+    def step(carry, fixed):
+      (p, s), (u, radii) = carry, fixed
+      u, s = tx.update(u, s, p, radii=radii)
+      return optax.apply_updates(p, u), s
+
+    return step, ((self._copy(self.params), tx.init(self.params)), (updates, self.radii))
 
   def radii_step(self) -> tuple[Callable, tuple]:
     """TPGM at proj_freq=1, max_iters=1 (``trainable_projection``): SGD step, radius update
@@ -150,6 +191,10 @@ class Method:
 METHODS: dict[str, Method] = {
   "plain": Method(lambda s: s.optax_step(s.sgd), baseline=None),
   "project": Method(Setup.project_step, memory_key="tpgm"),
+  "project_bf16_anchor": Method(
+    lambda s: s.project_step(anchor_dtype=jnp.bfloat16), memory_key="tpgm_bf16_anchor"
+  ),
+  "project_only": Method(Setup.projection_only, baseline=None),
   "radii_update": Method(Setup.radii_step),
   "adam": Method(lambda s: s.optax_step(s.adam), baseline=None),
   "ftp": Method(
@@ -166,7 +211,17 @@ METHODS: dict[str, Method] = {
     baseline="adam",
   ),
 }
-DEFAULT_METHODS = ("plain", "project", "radii_update", "adam", "ftp", "spd", "digrap")
+DEFAULT_METHODS = (
+  "plain",
+  "project",
+  "project_bf16_anchor",
+  "project_only",
+  "radii_update",
+  "adam",
+  "ftp",
+  "spd",
+  "digrap",
+)
 
 
 def _compile(step: Callable, args: tuple) -> tuple[Any, dict[str, int]]:
@@ -174,10 +229,25 @@ def _compile(step: Callable, args: tuple) -> tuple[Any, dict[str, int]]:
   XLA's memory analysis of it."""
   compiled = jax.jit(step, donate_argnums=0).lower(*args).compile()
   m = compiled.memory_analysis()
-  return compiled, {
+  out = {
     "temp_bytes": int(m.temp_size_in_bytes),
     "argument_bytes": int(m.argument_size_in_bytes),
+    "output_bytes": int(m.output_size_in_bytes),
+    "alias_bytes": int(m.alias_size_in_bytes),
   }
+  # What the step holds at once: its arguments, the outputs that do not reuse a donated
+  # argument's buffer, and its temporaries.
+  out["total_bytes"] = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
+  out["total_bytes"] += out["temp_bytes"]
+  out["state_bytes"] = int(sum(x.nbytes for x in jax.tree.leaves(args[0][1])))
+  return compiled, out
+
+
+def memory_baseline(name: str) -> str | None:
+  """The method whose memory ``name``'s extra bytes are counted from: its timing
+  baseline, or plain SGD for a baseline (Adam's moments) other than plain itself."""
+  base = METHODS[name].baseline
+  return base if base is not None else (None if name == "plain" else "plain")
 
 
 def run(
@@ -229,11 +299,42 @@ def run(
     base = METHODS[n].baseline
     if base is not None and base in ms:
       result[f"{n}_ratio"] = round(ms[n] / ms[base], 3)
+  if "project" in ms and "project_only" in ms:
+    # The plain step plus the projection as a program of its own.
+    result["project_alone_ratio"] = round((ms["plain"] + ms["project_only"]) / ms["plain"], 3)
+  num = result["num_params"]
   for n in methods:
     key = METHODS[n].memory_key or n
-    result[f"{key}_temp_bytes"] = memory[n]["temp_bytes"]
-    result[f"{key}_argument_bytes"] = memory[n]["argument_bytes"]
+    for field in ("temp", "argument", "output", "alias", "total"):
+      result[f"{key}_{field}_bytes"] = memory[n][f"{field}_bytes"]
+    base = memory_baseline(n)
+    if base in memory and n != "project_only":
+      extra = memory[n]["total_bytes"] - memory[base]["total_bytes"]
+      state = memory[n]["state_bytes"] - memory[base]["state_bytes"]
+      result[f"{key}_extra_bytes_per_param"] = round(extra / num, 3)
+      result[f"{key}_extra_state_bytes_per_param"] = round(state / num, 3)
+  if "project" in methods and "project_bf16_anchor" in methods:
+    result.update(_anchor_error(fns, setup))
   return result
+
+
+def _anchor_error(fns: dict, setup: Setup) -> dict[str, float]:
+  """One projection step from the same params, gradient and (zero) momentum with a
+  float32 and a bfloat16 anchor: the largest absolute difference of the results, and
+  it over the largest parameter value (bfloat16 rounds a value by <= 2^-9 of it)."""
+  outs = []
+  for n in ("project", "project_bf16_anchor"):
+    _, (carry, fixed) = METHODS[n].build(setup)
+    outs.append(fns[n](carry, fixed)[0])
+  diff = max(
+    float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+    for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1]))
+  )
+  scale = max(float(jnp.max(jnp.abs(x.astype(jnp.float32)))) for x in jax.tree.leaves(setup.params))
+  return {
+    "bf16_anchor_max_abs_error": float(f"{diff:.3g}"),
+    "bf16_anchor_max_rel_error": float(f"{diff / scale:.3g}"),
+  }
 
 
 # ---------------------------------------------------------------------------- LoRA
@@ -337,6 +438,12 @@ def main(argv=None) -> None:
   parser.add_argument("--steps", type=int, default=15, help="timed rounds (median taken)")
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument(
+    "--overrides",
+    type=json.loads,
+    default=None,
+    help="model attributes over the preset's, as JSON, e.g. '{\"depth\": 14}'",
+  )
+  parser.add_argument(
     "--methods",
     default=",".join(DEFAULT_METHODS),
     help=f"comma-separated, from {', '.join(METHODS)}",
@@ -353,7 +460,11 @@ def main(argv=None) -> None:
   if a.lora_rank > 0:
     out = run_lora(a.lora_width, a.lora_depth, a.lora_rank, a.batch, a.steps, a.warmup, a.dtype)
   else:
-    out = run(a.batch, a.steps, a.warmup, tuple(a.methods.split(",")), a.model, a.dtype)
+    out = run(
+      a.batch, a.steps, a.warmup, tuple(a.methods.split(",")), a.model, a.dtype, a.overrides
+    )
+    if a.overrides:
+      out["overrides"] = a.overrides
   print(json.dumps(out, indent=1))
 
 

@@ -1,6 +1,7 @@
 """FTP, SPD, L2-SP and WiSE-FT against NumPy oracles, plus errors, dtypes and sharding."""
 
 import doctest
+import re
 
 import jax
 import jax.numpy as jnp
@@ -566,3 +567,22 @@ def test_interpolate_sharded(mesh):
   test_sharding._assert_same_sharding(out, sp)
   test_sharding._assert_close(out, mix(params, anchor))
   test_sharding._no_all_gather(mix, sp, sa)
+
+
+@pytest.mark.parametrize("method", ("ftp", "digrap"))
+def test_donated_step_updates_the_state_in_place(method):
+  # FTP's c_{t-1} / n_{t-1} and DiGraP's p_{t-1} are read, then replaced: the compiled step
+  # must write the new values into the donated buffers, not copy the tensors (only 0-D
+  # scalars may be copied).
+  params = {"k": jnp.ones((3, 3, 4, 8)), "b": jnp.ones((8,))}
+  sgd = optax.sgd(0.1, momentum=0.9)
+  tx = tpgm_jax.ftp(sgd) if method == "ftp" else optax.chain(tpgm_jax.digrap(strength_lr=0.05), sgd)
+
+  def step(carry, g):
+    p, s = carry
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  hlo = jax.jit(step, donate_argnums=0).lower((params, tx.init(params)), params).compile()
+  copies = re.findall(r"= (\S+) copy\(", hlo.as_text())
+  assert all(shape.endswith("[]") for shape in copies), copies

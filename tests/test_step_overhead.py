@@ -1,6 +1,13 @@
 """Smoke test of the step-overhead benchmark: every method builds, runs and reports (no timing
 claims: speed is measured by running the benchmark, not in tests)."""
 
+import pathlib
+import re
+import subprocess
+
+import jax
+import pytest
+
 from benchmarks import step_overhead
 
 
@@ -32,6 +39,37 @@ def test_methods_run_in_bfloat16_and_report_their_keys():
   assert set(step_overhead.DEFAULT_METHODS) <= set(step_overhead.METHODS)
 
 
+def test_memory_per_parameter_the_projection_alone_and_the_bfloat16_anchor():
+  tiny = dict(
+    stage_sizes=(1,), widths=(8,), strides=(1,), stem_width=8, stem_stride=2, norm_groups=4
+  )
+  methods = ("plain", "project", "project_bf16_anchor", "project_only", "adam", "ftp", "spd")
+  result = step_overhead.run(
+    batch_size=2, steps=1, warmup=0, methods=methods, model="resnet_tiny", overrides=tiny
+  )
+  n, extra = result["num_params"], "_extra_state_bytes_per_param"
+  params = step_overhead.Setup("resnet_tiny", 1, "float32", tiny).params
+  flags = jax.tree.leaves(step_overhead.NOT_HEAD(params))
+  constrained = sum(x.size for x, f in zip(jax.tree.leaves(params), flags) if f)
+  anchor = 4 * constrained / n  # float32 anchor bytes per parameter
+  assert result["tpgm" + extra] == pytest.approx(anchor, abs=0.01)
+  assert result["tpgm_bf16_anchor" + extra] == pytest.approx(anchor / 2, abs=0.01)
+  assert result["spd" + extra] == pytest.approx(anchor, abs=0.01)  # vs Adam
+  assert result["adam" + extra] == pytest.approx(4.0, abs=0.05)  # vs SGD: 2 moments - 1 trace
+  assert result["ftp" + extra] > 2 * anchor  # anchor + previous displacement (+ norms)
+  for key in ("tpgm", "tpgm_bf16_anchor", "adam", "ftp", "spd"):
+    total = result[f"{key}_total_bytes"]
+    assert total == (
+      result[f"{key}_argument_bytes"]
+      + result[f"{key}_output_bytes"]
+      - result[f"{key}_alias_bytes"]
+      + result[f"{key}_temp_bytes"]
+    )
+    assert isinstance(result[f"{key}_extra_bytes_per_param"], float)
+  assert "project_only_ratio" not in result and result["project_alone_ratio"] > 1
+  assert 0 < result["bf16_anchor_max_rel_error"] < 2**-7
+
+
 def test_lora_step_runs_and_reports_its_ratios():
   result = step_overhead.run_lora(width=8, depth=2, rank=2, batch_size=2, steps=1, warmup=0)
   for name in step_overhead.LORA_METHODS:
@@ -41,3 +79,10 @@ def test_lora_step_runs_and_reports_its_ratios():
     "lora_tpgm_l2_ratio",
   }
   assert result["merged_flops_per_step"] == 2 * 2 * 8 * 2 * 8
+
+
+def test_gpu_suite_script_parses_and_names_known_methods():
+  script = pathlib.Path(step_overhead.__file__).with_name("gpu_suite.sh")
+  subprocess.run(["bash", "-n", str(script)], check=True)
+  methods = re.search(r'^methods="([^"]+)"', script.read_text(), re.M).group(1).split(",")
+  assert set(methods) <= set(step_overhead.METHODS)

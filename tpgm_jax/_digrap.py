@@ -29,7 +29,7 @@ class DiGraPState(NamedTuple):
     count: int32 scalar, the number of completed steps (``t - 1`` during step
       ``t``).
     anchor: with ``anchor="init"``, the pre-trained value ``w0`` of every
-      constrained tensor (shape, dtype and sharding of the parameter),
+      constrained tensor (shape, sharding of the parameter; its dtype, or ``anchor_dtype``),
       recorded by ``init``; with ``anchor="zeros"``, a float32 scalar 0 per
       constrained tensor (nothing stored).
     omega: the projection strength of each constrained tensor after the last
@@ -56,6 +56,7 @@ def digrap(
   anchor: Literal["init", "zeros"] = "init",
   max_strength: _tree.ScalarOrSchedule = 1.0,
   lora: _lora.LoRAAdapters | None = None,
+  anchor_dtype: Any = None,
 ) -> optax.GradientTransformation:
   """Projects conflicting gradient components off the displacement from the anchor.
 
@@ -119,6 +120,9 @@ def digrap(
       applied to every adapter tensor (the paper's PEFT setting). No product
       ``A B`` is formed. ``anchor`` applies to the tensors outside the
       adapters; a mask selects an adapter by its ``B``.
+    anchor_dtype: the dtype the anchor is stored in (opt-in; ``None``, the
+      default: the params'), e.g. ``jnp.bfloat16``; see :func:`tpgm`. Ignored
+      with ``anchor="zeros"`` (nothing is stored).
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`DiGraPState`;
@@ -144,6 +148,7 @@ def digrap(
     Huang, Tian, Kira et al., "Directional Gradient Projection for Robust
     Fine-Tuning of Foundation Models", ICLR 2025, arXiv:2502.15895.
   """
+  anchor_dtype = _tree.check_anchor_dtype(anchor_dtype)
   _tree.check_number("strength_lr", strength_lr, strict=True)
   _tree.check_number("max_strength", max_strength, strict=True)
   _tree.check_choice("anchor", anchor, ANCHORS)
@@ -157,7 +162,7 @@ def digrap(
         otherwise=lambda: _tree.MaskedNode(),
       )
     else:
-      anchors = _lora.record_anchor(params, mask, lora)
+      anchors = _lora.record_anchor(params, mask, lora, anchor_dtype)
     like = _lora.constrained_like(_lora.anchor_tree(params, params, mask, lora), params)
 
     def per_tensor(fn):
@@ -225,4 +230,5 @@ def _digrap_tensor(
   step, mu, nu = _wrapper.scalar_adam(h, mu, nu, count, OMEGA_B1, OMEGA_B2, EPS)
   omega = jnp.clip(omega - lr * step, 0.0, max_strength)
   new_g = jnp.where(dot < 0, gc - omega * p, gc).astype(jnp.result_type(g))
-  return new_g, omega, mu, nu, p
+  # p_t reuses the donated buffer of p_{t-1}, which h reads.
+  return new_g, omega, mu, nu, _wrapper.in_place(h, count, prev_p, p)

@@ -28,7 +28,7 @@ class FTPState(NamedTuple):
     count: int32 scalar, the number of completed steps (``t - 1`` during step
       ``t``).
     anchor: the pre-trained value ``w0`` of every constrained tensor (shape,
-      dtype and sharding of the parameter), recorded by ``init``.
+      sharding of the parameter; its dtype, or ``anchor_dtype``), recorded by ``init``.
     gamma: the constraint of each constrained tensor after the last step:
       a float32 scalar (float64 for float64 parameters); 1e-8 initially.
     gamma_mu: Adam's first moment of gamma (scalar, dtype of ``gamma``).
@@ -61,6 +61,7 @@ def ftp(
   mask: _tree.Mask = None,
   norm: _projection.Norm = "mars",
   lora: _lora.LoRAAdapters | None = None,
+  anchor_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps an optimizer with FTP's trainable projection toward the anchor.
 
@@ -129,6 +130,8 @@ def ftp(
       column ``j``; the rank axis for ``g_B``): the formula of step 2 on the
       ``B`` leaf with ``c_{t-1} = B'_{t-1}``. The cost is one ``A' B'``
       product (``"mars"``) or two r x r Gram matrices (``"l2"``) per adapter.
+    anchor_dtype: the dtype the anchor is stored in (opt-in; ``None``, the
+      default: the params'), e.g. ``jnp.bfloat16``; see :func:`tpgm`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is an
@@ -158,13 +161,14 @@ def ftp(
     Tian, Liu, Kira, "Fast Trainable Projection for Robust Fine-Tuning",
     NeurIPS 2023, arXiv:2310.19182.
   """
+  anchor_dtype = _tree.check_anchor_dtype(anchor_dtype)
   _projection._check_norm(norm)
   _tree.check_number("k", k)
   inner = optax.with_extra_args_support(_wrapper.check_inner(inner, "ftp"))
 
   def init_fn(params):
     _tree.require_params(params, "ftp", "tx.init(params) with the pre-trained params")
-    anchor = _lora.record_anchor(params, mask, lora)
+    anchor = _lora.record_anchor(params, mask, lora, anchor_dtype)
     like = _lora.constrained_like(anchor, params)
 
     def scalar(value):
@@ -173,9 +177,9 @@ def ftp(
     return FTPState(
       count=jnp.zeros((), jnp.int32),
       anchor=anchor,
-      gamma=_wrapper.per_anchor(anchor, scalar(EPS)),
-      gamma_mu=_wrapper.per_anchor(anchor, scalar(0.0)),
-      gamma_nu=_wrapper.per_anchor(anchor, scalar(0.0)),
+      gamma=_wrapper.per_anchor(like, scalar(EPS)),
+      gamma_mu=_wrapper.per_anchor(like, scalar(0.0)),
+      gamma_nu=_wrapper.per_anchor(like, scalar(0.0)),
       prev_displacement=_wrapper.per_anchor(like, jnp.zeros_like),
       prev_norms=_wrapper.per_anchor(
         like, lambda a: jnp.ones(_norms_shape(a.shape, norm), _projection.compute_dtype(a.dtype))
@@ -239,4 +243,6 @@ def _ftp_tensor(
   gamma = _projection.clip_radius(gamma - GAMMA_LR * step, norms)
   new_w = w0.astype(ct) + jnp.clip(gamma / norms, 0.0, 1.0) * c
   update = (new_w - w.astype(ct)).astype(jnp.result_type(u))
-  return update, gamma, mu, nu, c.astype(prev_c.dtype), norms
+  # c_t and n_t reuse the donated buffers of c_{t-1} and n_{t-1}, which h reads.
+  c = _wrapper.in_place(h, count, prev_c, c.astype(prev_c.dtype))
+  return update, gamma, mu, nu, c, _wrapper.in_place(h, count, prev_n, norms)

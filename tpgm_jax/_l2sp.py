@@ -20,7 +20,7 @@ class L2SPState(NamedTuple):
     count: int32 scalar, the number of updates so far; a scheduled ``alpha`` or
       ``beta`` is evaluated at it (0 at the first update).
     anchor: the pre-trained value ``w0`` of every anchored tensor (shape,
-      dtype and sharding of the parameter), recorded by ``init``;
+      sharding of the parameter; its dtype, or ``anchor_dtype``), recorded by ``init``;
       ``optax.MaskedNode()`` for the others.
   """
 
@@ -34,6 +34,7 @@ def l2sp(
   mask: _tree.Mask = None,
   *,
   lora: _lora.LoRAAdapters | None = None,
+  anchor_dtype: Any = None,
 ) -> optax.GradientTransformation:
   """Adds the gradient of the L2-SP penalty to the updates.
 
@@ -71,6 +72,8 @@ def l2sp(
       started although ``dW`` does not depend on it when ``B = 0``. A mask
       selects an adapter by its ``B``; the adapters of an unselected one are
       "other" tensors (``beta``).
+    anchor_dtype: the dtype the anchor is stored in (opt-in; ``None``, the
+      default: the params'), e.g. ``jnp.bfloat16``; see :func:`tpgm`.
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`L2SPState`; its
@@ -93,13 +96,16 @@ def l2sp(
     Li, Grandvalet, Davoine, "Explicit Inductive Bias for Transfer Learning
     with Convolutional Networks", ICML 2018, arXiv:1802.01483.
   """
+  anchor_dtype = _tree.check_anchor_dtype(anchor_dtype)
   _tree.check_number("alpha", alpha)
   _tree.check_number("beta", beta)
   decay_others = not (isinstance(beta, (int, float)) and beta == 0)
 
   def init_fn(params):
     _tree.require_params(params, "l2sp", "tx.init(params) with the pre-trained params")
-    return L2SPState(count=jnp.zeros((), jnp.int32), anchor=_lora.record_anchor(params, mask, lora))
+    return L2SPState(
+      count=jnp.zeros((), jnp.int32), anchor=_lora.record_anchor(params, mask, lora, anchor_dtype)
+    )
 
   def update_fn(updates, state, params=None):
     _tree.require_params(params, "l2sp", "update(updates, state, params)")

@@ -282,15 +282,13 @@ def anchor_tree(
   return jax.tree.unflatten(treedef, out)
 
 
-def record_anchor(params: PyTree, mask: _tree.Mask, lora: LoRAAdapters | None) -> PyTree:
+def record_anchor(
+  params: PyTree, mask: _tree.Mask, lora: LoRAAdapters | None, dtype: Any = None
+) -> PyTree:
   """:func:`tpgm_jax._tree.record_anchor` with adapters (see :func:`anchor_tree`)."""
   if lora is None:
-    return _tree.record_anchor(params, mask)
-  return jax.tree.map(
-    lambda a: a if _tree.is_masked(a) else jnp.copy(a),
-    anchor_tree(params, params, mask, lora),
-    is_leaf=_tree.is_masked,
-  )
+    return _tree.record_anchor(params, mask, dtype)
+  return _tree.copy_anchor(anchor_tree(params, params, mask, lora), dtype)
 
 
 def adapters(params: PyTree, lora: LoRAAdapters | None, anchor: PyTree | None = None) -> PyTree:

@@ -21,7 +21,7 @@ class SPDState(NamedTuple):
     count: int32 scalar, the number of updates so far; a scheduled
       ``weight_decay`` is evaluated at it (0 at the first update).
     anchor: with ``anchor="init"``, the pre-trained value ``w0`` of every
-      constrained tensor (shape, dtype and sharding of the parameter),
+      constrained tensor (shape, sharding of the parameter; its dtype, or ``anchor_dtype``),
       recorded by ``init``, and ``optax.MaskedNode()`` for the others; with
       ``anchor="zeros"``, ``optax.MaskedNode()`` everywhere (nothing stored).
     inner_state: the inner optimizer's state.
@@ -39,6 +39,7 @@ def spd(
   mask: _tree.Mask = None,
   anchor: Literal["init", "zeros"] = "init",
   lora: _lora.LoRAAdapters | None = None,
+  anchor_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps an optimizer with Selective Projection Decay toward the anchor.
 
@@ -84,6 +85,9 @@ def spd(
       ``dW' = (1 - weight_decay * ratio) s A' B'`` is a decay of ``B'``
       alone; ``A`` takes the plain inner update. A mask selects an adapter by
       its ``B``.
+    anchor_dtype: the dtype the anchor is stored in (opt-in; ``None``, the
+      default: the params'), e.g. ``jnp.bfloat16``; see :func:`tpgm`. Ignored
+      with ``anchor="zeros"`` (nothing is stored).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is an
@@ -109,6 +113,7 @@ def spd(
     Tian, Huang, Kira, "Rethinking Weight Decay for Robust Fine-Tuning of
     Foundation Models", NeurIPS 2024 (Selective Projection Decay).
   """
+  anchor_dtype = _tree.check_anchor_dtype(anchor_dtype)
   _tree.check_choice("anchor", anchor, ANCHORS)
   _tree.check_number("weight_decay", weight_decay)
   inner = optax.with_extra_args_support(_wrapper.check_inner(inner, "spd"))
@@ -121,7 +126,7 @@ def spd(
         _lora.roles(params, lora)  # and on bad adapters
       anchors = _tree.record_anchor(params, lambda p: False)
     else:
-      anchors = _lora.record_anchor(params, mask, lora)
+      anchors = _lora.record_anchor(params, mask, lora, anchor_dtype)
     return SPDState(count=jnp.zeros((), jnp.int32), anchor=anchors, inner_state=inner.init(params))
 
   def update_fn(grads, state, params=None, **extra_args):

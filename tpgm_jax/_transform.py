@@ -21,7 +21,7 @@ class TPGMState(NamedTuple):
     count: int32 scalar, the number of updates so far; a radius schedule is
       evaluated at it (0 at the first update).
     anchor: the pre-trained parameters recorded by ``init``: an array (same
-      shape, dtype and sharding as the parameter) for every constrained
+      shape and sharding as the parameter; its dtype, or ``anchor_dtype``) for every constrained
       tensor, ``optax.MaskedNode()`` for every unconstrained one.
   """
 
@@ -44,6 +44,7 @@ def tpgm(
   radii: _tree.ScalarOrSchedule | PyTree | None = None,
   *,
   lora: _lora.LoRAAdapters | None = None,
+  anchor_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Projects the parameters after each step into balls of given radii around the anchor.
 
@@ -81,6 +82,13 @@ def tpgm(
       base kernel; norms of ``dW``) by scaling its ``B``'s columns, with one
       radius per adapter at its ``B`` leaf; its ``A`` takes the preceding
       optimizer's update unchanged and a mask selects an adapter by its ``B``.
+    anchor_dtype: the dtype the anchor is stored in (opt-in): ``None`` (the
+      default) keeps each parameter's dtype; a floating-point dtype such as
+      ``jnp.bfloat16`` stores the pre-trained values rounded to it (half the
+      anchor's memory for float32 params), and the method then anchors at
+      those rounded values; the arithmetic stays float32.
+      The same argument of :func:`trainable_projection`, :func:`ftp`,
+      :func:`spd`, :func:`digrap` and :func:`l2sp`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -111,6 +119,7 @@ def tpgm(
     Gouk et al., "Distance-Based Regularisation of Deep Networks for
     Fine-Tuning", ICLR 2021, arXiv:2002.08253 (MARS-PGM).
   """
+  anchor_dtype = _tree.check_anchor_dtype(anchor_dtype)
   _projection._check_norm(norm)
   scheduled = _tree.is_schedule(radii)
   one_radius = (
@@ -126,7 +135,9 @@ def tpgm(
 
   def init_fn(params):
     _tree.require_params(params, "tpgm", "tx.init(params) with the pre-trained params")
-    return TPGMState(count=jnp.zeros((), jnp.int32), anchor=_lora.record_anchor(params, mask, lora))
+    return TPGMState(
+      count=jnp.zeros((), jnp.int32), anchor=_lora.record_anchor(params, mask, lora, anchor_dtype)
+    )
 
   def update_fn(updates, state, params=None, *, radii=None, **extra_args):
     del extra_args
@@ -157,8 +168,9 @@ class TrainableProjectionState(NamedTuple):
   Attributes:
     count: int32 scalar, the number of updates so far.
     anchor: the pre-trained value of every constrained tensor (its array,
-      same shape, dtype and sharding as the parameter), ``optax.MaskedNode()``
-      for the others; recorded by ``init``.
+      same shape and sharding as the parameter; its dtype, or
+      ``anchor_dtype``), ``optax.MaskedNode()`` for the others; recorded by
+      ``init``.
     radii: one float32 scalar per tensor, same structure as the params
       (0 for unconstrained tensors, never used); set at the first update.
     radius_state: the radius optimizer's state.
@@ -179,6 +191,7 @@ def trainable_projection(
   max_iters: int = 1,
   radius_units: str = "absolute",
   lora: _lora.LoRAAdapters | None = None,
+  anchor_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """TPGM during fine-tuning: learns the radii on held-out data and projects every step.
 
@@ -228,6 +241,8 @@ def trainable_projection(
       base kernel; norms of ``dW``) by scaling its ``B``'s columns, with one
       radius per adapter at its ``B`` leaf (learned on held-out data); its ``A`` takes the preceding
       optimizer's update unchanged and a mask selects an adapter by its ``B``.
+    anchor_dtype: the dtype the anchor is stored in (opt-in; ``None``, the
+      default: the params'), e.g. ``jnp.bfloat16``; see :func:`tpgm`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -259,6 +274,7 @@ def trainable_projection(
     Tian et al., "Trainable Projected Gradient Method for Robust
     Fine-tuning", CVPR 2023, arXiv:2303.10720 (Algorithm 1).
   """
+  anchor_dtype = _tree.check_anchor_dtype(anchor_dtype)
   _radii._check_loss_fn(heldout_loss)
   _projection._check_norm(norm)
   _tree.check_int("max_iters", max_iters, 1)
@@ -269,7 +285,7 @@ def trainable_projection(
     _tree.require_params(
       params, "trainable_projection", "tx.init(params) with the pre-trained params"
     )
-    anchor = _lora.record_anchor(params, mask, lora)
+    anchor = _lora.record_anchor(params, mask, lora, anchor_dtype)
     radii = jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params)
     return TrainableProjectionState(jnp.zeros((), jnp.int32), anchor, radii, optimizer.init(radii))
 

@@ -395,18 +395,39 @@ def masked_anchor(
   return jax.tree.unflatten(jax.tree.structure(params), leaves)
 
 
-def record_anchor(params: PyTree, mask: Mask = None) -> PyTree:
-  """A copy of the constrained tensors of ``params`` (``MaskedNode`` elsewhere):
-  the anchor a transformation's ``init`` keeps in its state.
+def check_anchor_dtype(anchor_dtype: Any) -> Any:
+  """``anchor_dtype`` as a NumPy dtype (``None`` stays ``None``); ``ValueError`` unless it
+  is ``None`` or a floating-point dtype."""
+  if anchor_dtype is None:
+    return None
+  try:
+    dtype = jnp.dtype(anchor_dtype)
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(
+      "anchor_dtype must be None (the params' dtype) or a floating-point dtype such as "
+      f"jnp.bfloat16, got {anchor_dtype!r}"
+    )
+  return dtype
 
-  The copy gives the anchor buffers of its own, so a train step may donate
-  both the params and the optimizer state.
-  """
+
+def copy_anchor(anchor: PyTree, dtype: Any = None) -> PyTree:
+  """A copy of every array of an anchor tree (cast to ``dtype`` unless ``None``), so
+  the anchor has buffers of its own and a train step may donate both the params and
+  the optimizer state."""
   return jax.tree.map(
-    lambda a: a if is_masked(a) else jnp.copy(a),
-    masked_anchor(params, params, mask),
+    lambda a: a if is_masked(a) else (jnp.copy(a) if dtype is None else jnp.asarray(a, dtype)),
+    anchor,
     is_leaf=is_masked,
   )
+
+
+def record_anchor(params: PyTree, mask: Mask = None, dtype: Any = None) -> PyTree:
+  """A copy of the constrained tensors of ``params`` (``MaskedNode`` elsewhere):
+  the anchor a transformation's ``init`` keeps in its state, in ``dtype`` (``None``:
+  each parameter's own; see :func:`copy_anchor`)."""
+  return copy_anchor(masked_anchor(params, params, mask), dtype)
 
 
 def map_constrained(

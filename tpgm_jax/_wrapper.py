@@ -49,6 +49,20 @@ def check_inner(inner: Any, name: str) -> optax.GradientTransformation:
   return inner
 
 
+def in_place(read: jax.Array, count: jax.Array, old: jax.Array, new: jax.Array) -> jax.Array:
+  """``new``, exactly, written so that XLA updates ``old``'s buffer in place.
+
+  A per-tensor state (FTP's ``c_{t-1}``, DiGraP's ``p_{t-1}``) is read by a reduction
+  (``read``, its result) and replaced by a new value that does not depend on that read.
+  When the step donates the state, the new value takes the old buffer, and with no
+  order between the read and the write XLA copies the old buffer and then the new value
+  (two copies of the tensor per step). A select on a predicate that depends on ``read``
+  and is never true (``count``, the step number, is >= 1) orders the read first and
+  lets the write happen in place; the value is ``new`` bit for bit.
+  """
+  return jnp.where((count < 0) & jnp.isnan(read), old, new)
+
+
 def scalar_adam(
   h: jax.Array,
   mu: jax.Array,

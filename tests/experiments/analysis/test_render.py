@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from experiments.analysis import report, study
+from experiments.analysis import mechanism, regimes, report, results_md, study
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 STUDY_JSON = os.path.join(ROOT, "results", "study.json")
@@ -27,22 +27,45 @@ def _committed_md() -> bytes:
     return f.read()
 
 
+#: The committed JSON files RESULTS.md is rendered from (results_md.write); those present.
+RESULT_JSONS = [
+  f
+  for f in ("study.json", "regimes.json", "regimes_meta.json", "mechanism.json")
+  if os.path.exists(os.path.join(ROOT, "results", f))
+]
+
+
 def _copy(tmp_path):
-  """A study output directory holding only a copy of the committed study.json."""
+  """An output directory holding only copies of the committed result JSON files."""
   (tmp_path / "results").mkdir()
-  shutil.copy(STUDY_JSON, tmp_path / "results" / "study.json")
+  for f in RESULT_JSONS:
+    shutil.copy(os.path.join(ROOT, "results", f), tmp_path / "results" / f)
   return tmp_path
 
 
-def test_committed_study_json_renders_the_committed_results_md():
-  assert study.render(_committed()).encode("utf-8") == _committed_md()
+def _sections():
+  sections = []
+  loaded = regimes.load(ROOT)
+  if loaded is not None and loaded[0]:
+    sections.append(regimes.render(*loaded, run_cmd=regimes.RUN_COMMAND))
+  trace = mechanism.load(ROOT)
+  if trace is not None:
+    sections.append(mechanism.render(trace))
+  return sections
+
+
+def test_committed_jsons_render_the_committed_results_md():
+  assert study.render(_committed(), _sections()).encode("utf-8") == _committed_md()
 
 
 def test_render_results_writes_results_md_and_the_figures_the_json_holds(tmp_path):
-  out = study.render_results(_copy(tmp_path))
+  out = results_md.write(_copy(tmp_path))
   assert (tmp_path / "RESULTS.md").read_bytes() == _committed_md()
   names = sorted(os.path.basename(p) for p in out["figures"])
-  assert names == ["diagnose_ft.png", "diagnose_tpgm.png", "id_vs_ood.png"]
+  extra = ["mechanism.png"] if "mechanism.json" in RESULT_JSONS else []
+  if "regimes.json" in RESULT_JSONS:
+    extra += sorted({f"regimes_{r['benchmark']}.png" for r in regimes.load(ROOT)[0]})
+  assert names == sorted(["diagnose_ft.png", "diagnose_tpgm.png", "id_vs_ood.png", *extra])
   for name in names:
     assert (tmp_path / "results" / name).stat().st_size > 10_000, name
   # The committed study.json predates the per-layer summaries: that figure is skipped.

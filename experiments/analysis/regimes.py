@@ -446,7 +446,7 @@ def render(recs: Sequence[Mapping[str, Any]], meta_data: Mapping[str, Any], run_
     f"together (as recorded when each was made; {cells[0]['machine'] if cells else ''}). "
     "A cell is a benchmark, a fine-tuning set size and a number of steps. In every cell "
     "every method's own hyper-parameters were picked on that cell's ID val split with seed "
-    f"{meta_data['select_seed']} (the same grids for every cell, below), then every method ran "
+    f"{meta_data['select_seed']} (the same grids for every cell, below), then every method runs "
     f"with seeds {', '.join(map(str, meta_data['seeds']))}. Accuracy in %, mean ± std over "
     "seeds; gains vs FT are the mean ± std of the per-seed differences (same seed). Every "
     "record is in `results/regimes.json`. Run one cell: "

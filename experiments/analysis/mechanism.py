@@ -91,7 +91,7 @@ def _trace_step(setup, tx, constrained, norm: str):
     )(clipped)
     r_new = optax.tree.get(new_state, "radii")
     norms = tpgm_jax.distance_norms(candidate, anchor, norm, constrained)
-    picked = loop._select
+    picked = loop.select_leaves  # the constrained tensors, in leaf order
     row = {
       "loss": loss,
       "r_prev": jnp.stack(picked(r_prev, constrained)),

@@ -19,21 +19,9 @@ from experiments.configs import study
 def get_config() -> ConfigDict:
   c = study.get_config()
   c.name = "regimes"
-  c.methods = (
-    "ft",
-    "lp",
-    "lp_ft",
-    "l2sp",
-    "ftp",
-    "spd",
-    "digrap",
-    "mars_pgm",
-    "tpgm",
-    "wise_ft",
-    "tpgm_post_hoc",
-    "tpgm_post_hoc_l2",
-  )
-  for name in ("tpgm_anchor", "tpgm_heldout512"):  # variants of the study, not of the map
+  variants = ("tpgm_anchor", "tpgm_heldout512")  # variants of the study, not of the map
+  c.methods = tuple(m for m in c.methods if m not in variants)
+  for name in variants:
     del c[name]
   # Methods whose training learning rate is selected on their own carry it in their section.
   c.tpgm.train = ConfigDict({"optimizer": {"lr": 0.03}})

@@ -75,7 +75,7 @@ def cross_entropy(
   return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
 
 
-def _select(tree: PyTree, mask: PyTree | None) -> list[Any]:
+def select_leaves(tree: PyTree, mask: PyTree | None) -> list[Any]:
   """The leaves of ``tree`` that the bool pytree ``mask`` selects (none for ``mask=None``)."""
   if mask is None:
     return []
@@ -111,7 +111,7 @@ def step_metrics(params, anchor, radii, mask) -> dict[str, jax.Array]:
   """Distance to the anchor (global L2, max per-channel MARS) and a radii summary."""
   out = {}
   if anchor is not None and mask is not None:
-    diffs = [w - w0 for w, w0 in zip(_select(params, mask), _select(anchor, mask))]
+    diffs = [w - w0 for w, w0 in zip(select_leaves(params, mask), select_leaves(anchor, mask))]
     if diffs:
       out["distance_l2"] = optax.tree.norm(diffs)
       out["distance_mars_max"] = jnp.max(
@@ -119,7 +119,7 @@ def step_metrics(params, anchor, radii, mask) -> dict[str, jax.Array]:
       )
   if radii is not None:
     # The projection floors the radii at 1e-8 (tpgm_jax.clip_radii).
-    rs = jnp.maximum(jnp.stack(_select(radii, mask)), 1e-8)
+    rs = jnp.maximum(jnp.stack(select_leaves(radii, mask)), 1e-8)
     out.update(radius_min=rs.min(), radius_mean=rs.mean(), radius_max=rs.max())
   return out
 
@@ -278,7 +278,7 @@ def build_step(setup: TrainSetup) -> Step:
     # Frozen gradients are left out: computing them would cost LP a full backward pass.
     metrics = {
       "loss": loss,
-      "grad_norm": optax.tree.norm(_select(grads, trained)),
+      "grad_norm": optax.tree.norm(select_leaves(grads, trained)),
       "lr": lr(state["step"]),
       **step_metrics(params, anchor_of(state), radii, constrained),
     }

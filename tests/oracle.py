@@ -51,11 +51,14 @@ class TrainableProjection:
   are given, each is one radius iteration (clip the radii, central finite
   differences of ``loss(project(c, w0, r), batch)`` in every radius, one Adam
   step with the iteration counter shared by all radii); then ``w = project(c,
-  w0, r)``.
+  w0, r)``. ``lazy``: a constrained tensor's candidate is ``f + u`` with ``f``
+  its previous candidate (the pre-trained value at first), ``u`` computed at
+  the projected ``w``.
   """
 
-  def __init__(self, inner, anchors, loss, norm, lr=1e-2, units="absolute"):
+  def __init__(self, inner, anchors, loss, norm, lr=1e-2, units="absolute", lazy=False):
     self.inner, self.anchors, self.loss, self.norm, self.lr = inner, anchors, loss, norm, lr
+    self.free = [None if a is None else a.copy() for a in anchors] if lazy else None
     self.radii, self.m, self.v, self.t, self.iters = {}, {}, {}, 0, 0
     # "anchor" units: Adam steps r / u with u the anchor's own largest norm (1 if zero).
     self.unit = {
@@ -71,7 +74,10 @@ class TrainableProjection:
     ]
 
   def step(self, ws, gs, batches=None):
-    cands = [w + self.inner.update(i, w, g) for i, (w, g) in enumerate(zip(ws, gs))]
+    starts = ws if self.free is None else [w if f is None else f for w, f in zip(ws, self.free)]
+    cands = [s + self.inner.update(i, w, g) for i, (s, w, g) in enumerate(zip(starts, ws, gs))]
+    if self.free is not None:
+      self.free = [None if f is None else c for f, c in zip(self.free, cands)]
     constrained = [i for i, a in enumerate(self.anchors) if a is not None]
     if self.t == 0:
       self.radii = {i: init_radius(cands[i], self.anchors[i], self.norm) for i in constrained}

@@ -68,11 +68,9 @@ def _stacked(batches):
   return jax.tree.map(lambda *xs: np.stack(xs), *batches)
 
 
-@pytest.mark.parametrize(
-  "norm,units", [("mars", "absolute"), ("l2", "absolute"), ("mars", "anchor"), ("l2", "anchor")]
-)
-def test_matches_numpy_reference(norm, units):
-  """Six steps, held-out batches every other step, two radius iterations each."""
+def _run_mlp(norm, units, lazy, steps=6, max_iters=2):
+  """Six steps, held-out batches every other step, two radius iterations each: the
+  params after each step, the final state and the oracle."""
   params, steps, max_iters = _mlp_params(), 6, 2
   inner = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.2, momentum=0.9, nesterov=True))
   tx = optax.chain(
@@ -84,6 +82,7 @@ def test_matches_numpy_reference(norm, units):
       radius_optimizer=optax.adam(5e-2),
       max_iters=max_iters,
       radius_units=units,
+      lazy=lazy,
     ),
   )
   state = tx.init(params)
@@ -102,19 +101,42 @@ def test_matches_numpy_reference(norm, units):
     norm,
     lr=5e-2,
     units=units,
+    lazy=lazy,
   )
-  p, ws = params, flat(params)
+  p, ws, trajectory = params, flat(params), []
   for t in range(steps):
     batches = [_batch(t * max_iters + k) for k in range(max_iters)] if t % 2 == 0 else None
-    updates, state = step(
-      p, state, _grads(params, t), None if batches is None else _stacked(batches)
-    )
+    updates, state = step(p, state, _grads(p, t), None if batches is None else _stacked(batches))
     p = optax.apply_updates(p, updates)
     ws = ref.step(ws, flat(_grads(params, t)), batches)
+    trajectory.append((p, ws))
+  return params, trajectory, state, ref
+
+
+@pytest.mark.parametrize(
+  "norm,units,lazy",
+  [
+    ("mars", "absolute", False),
+    ("l2", "absolute", False),
+    ("mars", "anchor", False),
+    ("l2", "anchor", False),
+    ("mars", "absolute", True),
+    ("l2", "absolute", True),
+  ],
+)
+def test_matches_numpy_reference(norm, units, lazy):
+  """Six steps, held-out batches every other step, two radius iterations each."""
+  params, trajectory, state, ref = _run_mlp(norm, units, lazy)
+  for t, (p, ws) in enumerate(trajectory):
     for path, got, want in zip(tpgm_jax.leaf_paths(p), jax.tree.leaves(p), ws):
       np.testing.assert_allclose(
         np.asarray(got, np.float64), want, rtol=1e-4, atol=2e-6, err_msg=f"step {t} {path}"
       )
+  if lazy:  # the unprojected iterate is the oracle's last candidate
+    free = optax.tree.get(state, "free")
+    for path, f, want in zip(tpgm_jax.leaf_paths(params), jax.tree.leaves(free), ref.free):
+      if "head" not in path:
+        np.testing.assert_allclose(np.asarray(f, np.float64), want, rtol=1e-4, atol=2e-6)
   radii = optax.tree.get(state, "radii")
   for path, r in zip(tpgm_jax.leaf_paths(params), jax.tree.leaves(radii)):
     i = tpgm_jax.leaf_paths(params).index(path)
@@ -130,6 +152,24 @@ def test_matches_numpy_reference(norm, units):
     if float(r) > 0
   ]
   assert any(on_ball)
+
+
+def test_lazy_projection_steps_from_the_unprojected_iterate():
+  """Lazy and eager differ from the second step on (the oracle check above could not tell a
+  lazy flag that is ignored from one that works otherwise), and the lazy state has the free
+  iterate for constrained tensors only."""
+  _, eager, _, _ = _run_mlp("mars", "absolute", False)
+  params, lazy, state, _ = _run_mlp("mars", "absolute", True)
+  assert isinstance(state[1], tpgm_jax.LazyProjectionState)
+  for a, b in zip(jax.tree.leaves(eager[0][0]), jax.tree.leaves(lazy[0][0])):
+    np.testing.assert_array_equal(a, b)  # the first step starts from the anchor in both
+  gaps = [
+    float(jnp.max(jnp.abs(a - b)))
+    for a, b in zip(jax.tree.leaves(eager[-1][0]), jax.tree.leaves(lazy[-1][0]))
+  ]
+  assert max(gaps) > 1e-3
+  free = optax.tree.get(state, "free")
+  assert tpgm_jax.leaf_paths(free) == [p for p in tpgm_jax.leaf_paths(params) if "head" not in p]
 
 
 @pytest.mark.parametrize("units,invariant", [("anchor", True), ("absolute", False)])
@@ -388,6 +428,10 @@ def test_errors():
     tpgm_jax.trainable_projection(_heldout_loss, radius_units="relative")
   with pytest.raises(ValueError, match="mask must be"):
     tpgm_jax.trainable_projection(_heldout_loss, mask={"x": True}).init(params)
+  with pytest.raises(ValueError, match="lazy must be a bool, got 'yes'"):
+    tpgm_jax.trainable_projection(_heldout_loss, lazy="yes")
+  with pytest.raises(ValueError, match="lazy=True is not available with lora="):
+    tpgm_jax.trainable_projection(_heldout_loss, lazy=True, lora=tpgm_jax.lora_adapters(1.0))
 
 
 def test_docstring_example():

@@ -40,7 +40,13 @@ from tpgm_jax._lora import LoRAAdapters, lora_adapters
 from tpgm_jax._projection import channel_norms, clip_radii, distance_norms, init_radii, project
 from tpgm_jax._radii import RadiiTrainer, learn_radii_post_hoc, radii_trainer
 from tpgm_jax._spd import SPDState, spd
-from tpgm_jax._transform import TPGMState, TrainableProjectionState, tpgm, trainable_projection
+from tpgm_jax._transform import (
+  LazyProjectionState,
+  TPGMState,
+  TrainableProjectionState,
+  tpgm,
+  trainable_projection,
+)
 from tpgm_jax._tree import check_finite, leaf_paths, path_mask
 
 __version__ = "0.2.0"
@@ -49,6 +55,7 @@ __all__ = (
   "DiGraPState",
   "FTPState",
   "L2SPState",
+  "LazyProjectionState",
   "LoRAAdapters",
   "RadiiTrainer",
   "SPDState",

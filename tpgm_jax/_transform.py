@@ -182,6 +182,26 @@ class TrainableProjectionState(NamedTuple):
   radius_state: optax.OptState
 
 
+class LazyProjectionState(NamedTuple):
+  """State of :func:`trainable_projection` with ``lazy=True``.
+
+  Attributes:
+    count: int32 scalar, the number of updates so far.
+    anchor: as in :class:`TrainableProjectionState`.
+    radii: as in :class:`TrainableProjectionState`.
+    radius_state: the radius optimizer's state.
+    free: the unprojected iterate of every constrained tensor (the
+      pre-trained value plus the sum of the preceding optimizer's updates;
+      the params' dtype and sharding), ``optax.MaskedNode()`` for the others.
+  """
+
+  count: jax.Array
+  anchor: PyTree
+  radii: PyTree
+  radius_state: optax.OptState
+  free: PyTree
+
+
 def trainable_projection(
   heldout_loss: Callable[[PyTree, Any], jax.Array],
   *,
@@ -192,6 +212,7 @@ def trainable_projection(
   radius_units: str = "absolute",
   lora: _lora.LoRAAdapters | None = None,
   anchor_dtype: Any = None,
+  lazy: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """TPGM during fine-tuning: learns the radii on held-out data and projects every step.
 
@@ -243,10 +264,22 @@ def trainable_projection(
       optimizer's update unchanged and a mask selects an adapter by its ``B``.
     anchor_dtype: the dtype the anchor is stored in (opt-in; ``None``, the
       default: the params'), e.g. ``jnp.bfloat16``; see :func:`tpgm`.
+    lazy: lazy projection (opt-in, not in the paper; off by default). The
+      preceding optimizer's updates accumulate in an unprojected iterate
+      ``f`` of every constrained tensor (in the state: one more buffer the
+      size of the constrained params), the candidate is ``c = f + u``
+      instead of ``w + u``, ``f`` becomes ``c`` and the params become
+      ``project(c, w0, radii)`` as before; gradients are still taken at the
+      projected params (lazy projection, or dual averaging: Zinkevich 2003,
+      Nesterov 2009). The radii are then learned along the whole accumulated
+      displacement ``f - w0`` rather than along one step beyond the ball,
+      and a radius held at 0 for a while does not erase the optimizer's
+      progress. Not available with ``lora``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
-    :class:`TrainableProjectionState`; ``update(updates, state, params, *,
+    :class:`TrainableProjectionState` (:class:`LazyProjectionState` with
+    ``lazy=True``); ``update(updates, state, params, *,
     heldout=None)`` takes ``heldout`` as a batch pytree whose leaves have a
     leading axis of length ``max_iters`` (``batch[None]`` for one). It raises
     ``ValueError`` (when traced) if the updates' structure or shapes differ
@@ -280,6 +313,13 @@ def trainable_projection(
   _tree.check_int("max_iters", max_iters, 1)
   _radii._check_units(radius_units)
   optimizer = _radii._check_optimizer(radius_optimizer)
+  if not isinstance(lazy, bool):
+    raise ValueError(f"trainable_projection: lazy must be a bool, got {lazy!r}")
+  if lazy and lora is not None:
+    raise ValueError(
+      "trainable_projection: lazy=True is not available with lora= (the lazy iterate of an "
+      "adapter's B would have to follow its scaled columns); use lazy=False"
+    )
 
   def init_fn(params):
     _tree.require_params(
@@ -287,7 +327,11 @@ def trainable_projection(
     )
     anchor = _lora.record_anchor(params, mask, lora, anchor_dtype)
     radii = jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params)
-    return TrainableProjectionState(jnp.zeros((), jnp.int32), anchor, radii, optimizer.init(radii))
+    count = jnp.zeros((), jnp.int32)
+    if lazy:
+      free = _tree.copy_anchor(_tree.masked_anchor(params, params, mask))
+      return LazyProjectionState(count, anchor, radii, optimizer.init(radii), free)
+    return TrainableProjectionState(count, anchor, radii, optimizer.init(radii))
 
   def update_fn(updates, state, params=None, *, heldout=None, **extra_args):
     del extra_args
@@ -295,7 +339,10 @@ def trainable_projection(
       params, "trainable_projection", "update(updates, state, params, heldout=batches or None)"
     )
     _tree.check_like(params, updates, "updates")
-    candidate = optax.apply_updates(params, updates)
+    start = params
+    if lazy:  # the constrained tensors step from their unprojected iterate
+      start = _tree.map_constrained(lambda _, w, f: f, state.anchor, params, state.free)
+    candidate = optax.apply_updates(start, updates)
     anchor, cached = _projection.constrained_displacements(candidate, state.anchor, norm, lora=lora)
     first = _projection.initial_radii(anchor, cached)
     radii = jax.tree.map(lambda r, r0: jnp.where(state.count == 0, r0, r), state.radii, first)
@@ -316,9 +363,14 @@ def trainable_projection(
         radius_units,
       )
     projected = _projection.project_cached(candidate, anchor, cached, radii)
-    new_state = TrainableProjectionState(
-      optax.safe_int32_increment(state.count), state.anchor, radii, radius_state
-    )
+    count = optax.safe_int32_increment(state.count)
+    if lazy:
+      free = _tree.map_constrained(
+        lambda _, c: c, state.anchor, candidate, otherwise=lambda c: _tree.MaskedNode()
+      )
+      new_state = LazyProjectionState(count, state.anchor, radii, radius_state, free)
+    else:
+      new_state = TrainableProjectionState(count, state.anchor, radii, radius_state)
     return _projected_updates(updates, params, anchor, projected), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

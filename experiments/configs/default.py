@@ -119,6 +119,12 @@ def get_config() -> ConfigDict:
   c.tpgm_anchor = ConfigDict(
     dict(method="tpgm", norm="mars", proj_freq=1, max_iters=1, lr=1e-2, radius_units="anchor")
   )
+  # Opt-in: lazy projection (tpgm_jax.trainable_projection(lazy=True)): the SGD steps
+  # accumulate unprojected and the radii are learned along that whole displacement; see
+  # docs/experiments.md, "Why the radii stay small".
+  c.tpgm_lazy = ConfigDict(
+    dict(method="tpgm", norm="mars", proj_freq=1, max_iters=1, lr=1e-2, lazy=True)
+  )
   c.tpgm_post_hoc = ConfigDict(
     dict(source="lp_ft", base="lp", norm="mars", steps=50, lr=1e-2, batch_size=128)
   )

@@ -168,6 +168,7 @@ def _tpgm(ctx: Context) -> optax.GradientTransformation:
       max_iters=ctx.section.max_iters,
       radius_optimizer=optax.adam(ctx.section.lr),
       radius_units=ctx.section.get("radius_units", "absolute"),
+      lazy=ctx.section.get("lazy", False),
     ),
   )
 

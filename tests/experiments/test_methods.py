@@ -145,3 +145,17 @@ def test_every_trained_method_steps_and_keeps_the_head_free(name):
     updates, state = jax.jit(lambda g, s, p: tx.update(g, s, p, **extra))(grads, state, PARAMS)
   assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
   assert float(jnp.abs(updates["head"]["kernel"]).sum()) > 0
+
+
+@pytest.mark.parametrize("section, lazy", [("tpgm", False), ("tpgm_lazy", True)])
+def test_tpgm_sections_choose_eager_or_lazy_projection(section, lazy):
+  """configs/default.py's tpgm_lazy reaches the library as lazy=True; tpgm stays as published."""
+  config = default.get_config()
+  settings = plan.train_config(config, section)
+  mask = optimizers.group_mask(PARAMS, RULES, ["backbone"])
+  ctx = methods.Context(
+    config.get(section), optimizers.optimizer(settings.optimizer, 10), mask, lambda p, b: 0.0
+  )
+  state = methods.get(config.get(section).get("method", section)).transform(ctx).init(PARAMS)
+  kind = tpgm_jax.LazyProjectionState if lazy else tpgm_jax.TrainableProjectionState
+  assert isinstance(state[-1], kind)

@@ -9,8 +9,8 @@ every constrained tensor, records
 * ``r_prev``: the radius the state holds before the step (at step 1: the initial radius,
   ``min(norms) / 2`` of the first candidate);
 * ``bound``: ``max(norms)`` of the candidate ``c = w + u`` (the inner optimizer's update
-  ``u``), the clip the radius update applies first (``clip(r, 1e-8, max(norms))``, as in the
-  reference);
+  ``u``; with lazy projection ``c = f + u``, ``f`` the unprojected iterate), the clip the
+  radius update applies first (``clip(r, 1e-8, max(norms))``, as in the reference);
 * ``grad``: the held-out loss's gradient with respect to the clipped radius, on the same
   held-out batch the step uses (< 0: a larger radius lowers the held-out loss);
 * ``step``: the radius optimizer's step, ``r_new - clip(r_prev)``;
@@ -68,7 +68,7 @@ def observe() -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _trace_step(setup, tx, constrained, norm: str):
+def _trace_step(setup, tx, constrained, norm: str, lazy: bool = False):
   """The jitted step: the run's step plus the radius-update quantities of every tensor."""
   model, task = setup.model, setup.task
 
@@ -80,6 +80,13 @@ def _trace_step(setup, tx, constrained, norm: str):
     held = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), heldout)  # (iters, batch, ...)
     updates, new_state = tx.update(grads, opt_state, params, heldout=held)
     candidate = optax.apply_updates(params, optax.tree.get(new_state, "inner_updates"))
+    if lazy:  # the constrained tensors' candidate is f + u, which the state keeps as f
+      candidate = jax.tree.map(
+        lambda f, c: c if isinstance(f, optax.MaskedNode) else f,
+        optax.tree.get(new_state, "free"),
+        candidate,
+        is_leaf=lambda x: isinstance(x, optax.MaskedNode),
+      )
     first = tpgm_jax.init_radii(candidate, anchor, norm, constrained)
     r_prev = jax.tree.map(
       lambda r, r0: jnp.where(t == 0, r0, r), optax.tree.get(opt_state, "radii"), first
@@ -133,7 +140,8 @@ def trace(config: ConfigDict, workdir: str, method: str = "tpgm") -> dict[str, A
   )
   params = setup.init_params(fresh)
   opt_state = tx.init(params)
-  step_fn = _trace_step(setup, tx, constrained, section.norm)
+  lazy = bool(section.get("lazy", False))
+  step_fn = _trace_step(setup, tx, constrained, section.norm, lazy)
   anchor = jax.tree.map(jnp.copy, params)  # the pre-trained backbone, the new head
   paths = [p for p, m in zip(tpgm_jax.leaf_paths(params), jax.tree.leaves(constrained)) if m]
   rows = []
@@ -158,6 +166,7 @@ def trace(config: ConfigDict, workdir: str, method: str = "tpgm") -> dict[str, A
     "steps": setup.train.steps,
     "train_size": cfg.data.get("train_size", 0),
     "norm": section.norm,
+    "lazy": lazy,
   }
   return {"paths": paths, "rows": out_rows, "info": info, "final_params": params}
 
@@ -230,9 +239,14 @@ def findings(summary: Mapping[str, Any], info: Mapping[str, Any]) -> list[str]:
   ]
   up, down = total["opt_up"], -total["opt_down"]
   if -total["clip_ceiling"] > 0.5 * up:
+    beyond = (
+      "the unprojected iterate's distance"
+      if info.get("lazy")
+      else "one inner step beyond the radius"
+    )
     out.append(
       "What holds the radii: **the clip's ceiling**: what the optimizer would add is cut back "
-      "to the candidate's largest channel distance (one inner step beyond the radius)."
+      f"to the candidate's largest channel distance ({beyond})."
     )
   elif down >= 0.8 * up and o["step_over_lr"] < 0.5:
     out.append(

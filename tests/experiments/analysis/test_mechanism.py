@@ -22,19 +22,39 @@ def _config(tiny_config):
   return config
 
 
-def test_trace_replays_the_run_and_its_parts_add_up(tiny_config, tmp_path):
+def _adam_steps(grads, lr, b1=0.9, b2=0.999, eps=1e-8):
+  """optax.adam's steps for a sequence of gradients of one scalar, in float64."""
+  m = v = 0.0
+  out = []
+  for t, g in enumerate(grads, start=1):
+    m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+    out.append(-lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps))
+  return out
+
+
+@pytest.mark.parametrize("method", ["tpgm", "tpgm_lazy"])
+def test_trace_replays_the_run_and_its_parts_add_up(tiny_config, tmp_path, method):
   config = _config(tiny_config)
-  data = mechanism.trace(config, os.fspath(tmp_path))
+  config[method].proj_freq = 1
+  data = mechanism.trace(config, os.fspath(tmp_path), method)
+  assert data["info"]["lazy"] == (method == "tpgm_lazy")
   # The runner's own TPGM run of the same config ends at the same parameters.
-  resolved = plan.make_plan(plan.with_fields(config, methods=("tpgm",)), os.fspath(tmp_path))
+  resolved = plan.make_plan(plan.with_fields(config, methods=(method,)), os.fspath(tmp_path))
   env = environment.setup(resolved, progress=False)
-  saved = runner.run_method(env, resolved, resolved["tpgm"])[0]["tpgm"]
+  saved = runner.run_method(env, resolved, resolved[method])[0][method]
   for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(data["final_params"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
   rows = data["rows"]
   assert len(rows) == 3 and len(rows[0]["r_prev"]) == len(data["paths"])
   for prev, nxt in zip(rows, rows[1:]):  # the state carries r_new to the next step
     np.testing.assert_allclose(nxt["r_prev"], prev["r_new"], rtol=1e-6)
+  # The recorded gradients are the ones the run's radius optimizer stepped with (so the trace
+  # differentiates at the run's own candidate, f + u under lazy projection): Adam's steps
+  # from them are the recorded steps.
+  lr = config[method].lr
+  for i in range(len(data["paths"])):
+    want = _adam_steps([r["grad"][i] for r in rows], lr)
+    np.testing.assert_allclose([r["step"][i] for r in rows], want, rtol=1e-3, atol=1e-7)
   summary = mechanism.summarise(data)
   for t in summary["per_tensor"]:  # r_T = r_0 + what the clip adds and cuts + the steps
     parts = t["r0"] + t["clip_floor"] + t["clip_ceiling"] + t["opt_up"] + t["opt_down"]

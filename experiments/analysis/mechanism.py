@@ -266,23 +266,46 @@ def findings(summary: Mapping[str, Any], info: Mapping[str, Any]) -> list[str]:
   return out
 
 
+def stem(method: str) -> str:
+  """The file name (without suffix) of a method's trace: ``mechanism`` for TPGM as published
+  (``tpgm``), ``mechanism_<method>`` for a variant."""
+  return "mechanism" if method == "tpgm" else f"mechanism_{method}"
+
+
 def render(data: Mapping[str, Any]) -> str:
-  """The RESULTS.md section from ``results/mechanism.json``."""
+  """The RESULTS.md section from ``results/mechanism.json`` (a subsection for a variant's
+  ``results/mechanism_<method>.json``)."""
   summary, info = data["summary"], data["info"]
   rows = summary["per_tensor"]
   pick = set(data["plotted"])
-  return "\n".join(
-    [
+  name = stem(info["method"])
+  if name == "mechanism":
+    head = [
       "## Why the radii stay small (`python -m experiments.mechanism`)",
       "",
       f"Every radius update of the `{info['method']}` run of the default cell "
       f"({info['steps']} steps, radius lr {info['radius_lr']:g}, training lr {info['lr']:g}), "
       "taken apart per tensor: the clip `clip(r, 1e-8, max(norms))` of the candidate, the "
       "held-out gradient and the radius optimizer's step (`results/mechanism.json`).",
+    ]
+  else:
+    how = " with lazy projection (the optimizer's steps accumulate unprojected)" * bool(
+      info.get("lazy")
+    )
+    head = [
+      f"### The same for `{info['method']}`{how}",
+      "",
+      f"`python -m experiments.mechanism --config experiments/configs/study.py "
+      f"--config.mechanism.method={info['method']}`: the same cell, {info['steps']} steps, "
+      f"radius lr {info['radius_lr']:g}, training lr {info['lr']:g} (`results/{name}.json`).",
+    ]
+  return "\n".join(
+    [
+      *head,
       "",
       *[f"- {line}" for line in data["findings"]],
       "",
-      "![radius updates](results/mechanism.png)",
+      f"![radius updates](results/{name}.png)",
       "",
       tables.markdown_table(
         [
@@ -329,7 +352,8 @@ def plotted(paths: Sequence[str], k: int = 4) -> list[str]:
 
 
 def render_figures(data: Mapping[str, Any], out_dir: str | os.PathLike) -> list[epath.Path]:
-  """``<out_dir>/results/mechanism.png``: radius, bound, gradient and step of a few tensors."""
+  """``<out_dir>/results/<stem>.png`` (:func:`stem`): radius, bound, gradient and step of a
+  few tensors."""
   figs = epath.Path(out_dir) / "results"
   figs.mkdir(parents=True, exist_ok=True)
   index = {p: i for i, p in enumerate(data["paths"])}
@@ -337,7 +361,8 @@ def render_figures(data: Mapping[str, Any], out_dir: str | os.PathLike) -> list[
     p: {k: [r[k][index[p]] for r in data["rows"]] for k in ("r_prev", "bound", "grad", "step")}
     for p in data["plotted"]
   }
-  return [plots.radius_updates(figs / "mechanism.png", [r["t"] for r in data["rows"]], series)]
+  path = figs / f"{stem(data['info']['method'])}.png"
+  return [plots.radius_updates(path, [r["t"] for r in data["rows"]], series)]
 
 
 def measure(config: ConfigDict, workdir: str) -> dict[str, Any]:
@@ -362,8 +387,9 @@ def _rounded(x: Any) -> Any:
 
 
 def write(data: Mapping[str, Any], out_dir: str | os.PathLike) -> epath.Path:
-  """Writes ``<out_dir>/results/mechanism.json`` (floats to 6 significant digits)."""
-  path = epath.Path(out_dir) / "results" / "mechanism.json"
+  """Writes ``<out_dir>/results/<stem>.json`` (:func:`stem`; floats to 6 significant
+  digits); a variant's trace never replaces TPGM's."""
+  path = epath.Path(out_dir) / "results" / f"{stem(data['info']['method'])}.json"
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(_rounded(dict(data))))
   return path
@@ -373,3 +399,9 @@ def load(out_dir: str | os.PathLike) -> dict[str, Any] | None:
   """``results/mechanism.json`` of ``out_dir``; None if absent."""
   path = epath.Path(out_dir) / "results" / "mechanism.json"
   return json.loads(path.read_text()) if path.exists() else None
+
+
+def load_variants(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
+  """Every ``results/mechanism_<method>.json`` of ``out_dir`` (the variants' traces), by name."""
+  paths = sorted((epath.Path(out_dir) / "results").glob("mechanism_*.json"))
+  return [json.loads(p.read_text()) for p in paths]

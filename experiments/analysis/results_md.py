@@ -3,7 +3,8 @@
 :func:`write` renders ``<out>/RESULTS.md``: the title, the regime map
 (:mod:`experiments.analysis.regimes`, from ``results/regimes.json`` and
 ``regimes_meta.json``, when present), the radius mechanism
-(:mod:`experiments.analysis.mechanism`, from ``results/mechanism.json``, when present), then
+(:mod:`experiments.analysis.mechanism`, from ``results/mechanism.json``, when present, and
+its variants' ``results/mechanism_<method>.json``), then
 the study of the default cell (:mod:`experiments.analysis.study`, from ``results/study.json``),
 and draws their figures into ``<out>/results/``. The study, the regime map and the mechanism
 all end with it, and so does ``--config.study.render_only=True``.
@@ -26,7 +27,8 @@ def write(out_dir: str | os.PathLike) -> dict[str, Any]:
     figures += regimes.render_figures(loaded[0], out_dir)
   trace = mechanism.load(out_dir)
   if trace is not None:
-    sections.append(mechanism.render(trace))
-    figures += mechanism.render_figures(trace, out_dir)
+    for t in [trace, *mechanism.load_variants(out_dir)]:
+      sections.append(mechanism.render(t))
+      figures += mechanism.render_figures(t, out_dir)
   out = study.render_results(out_dir, sections)
   return {**out, "figures": [*figures, *out["figures"]]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -71,3 +72,21 @@ def test_trace_rejects_a_method_without_per_step_radius_updates(tiny_config, tmp
   config.tpgm.proj_freq = 2
   with pytest.raises(ValueError, match="proj_freq=1 and max_iters=1"):
     mechanism.trace(config, os.fspath(tmp_path))
+
+
+def test_a_variant_trace_has_its_own_files_and_subsection(tmp_path):
+  """A variant's trace is written next to TPGM's (never over it) and rendered after it."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+  committed = mechanism.load(root)
+  assert committed is not None, "results/mechanism.json is committed"
+  variant = json.loads(json.dumps(committed))
+  variant["info"].update(method="tpgm_lazy", lazy=True)
+  main_path = mechanism.write(committed, tmp_path)
+  before = main_path.read_bytes()
+  assert mechanism.write(variant, tmp_path).name == "mechanism_tpgm_lazy.json"
+  assert main_path.read_bytes() == before
+  assert [v["info"]["method"] for v in mechanism.load_variants(tmp_path)] == ["tpgm_lazy"]
+  text = mechanism.render(variant)
+  assert text.startswith("### The same for `tpgm_lazy` with lazy projection")
+  assert "![radius updates](results/mechanism_tpgm_lazy.png)" in text
+  assert mechanism.render_figures(variant, tmp_path)[0].name == "mechanism_tpgm_lazy.png"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,7 +33,9 @@ RESULT_JSONS = [
   f
   for f in ("study.json", "regimes.json", "regimes_meta.json", "mechanism.json")
   if os.path.exists(os.path.join(ROOT, "results", f))
-]
+] + sorted(
+  f for f in os.listdir(os.path.join(ROOT, "results")) if re.fullmatch(r"mechanism_.+\.json", f)
+)
 
 
 def _copy(tmp_path):
@@ -50,7 +53,7 @@ def _sections():
     sections.append(regimes.render(*loaded, run_cmd=regimes.RUN_COMMAND))
   trace = mechanism.load(ROOT)
   if trace is not None:
-    sections.append(mechanism.render(trace))
+    sections += [mechanism.render(t) for t in [trace, *mechanism.load_variants(ROOT)]]
   return sections
 
 
@@ -62,7 +65,7 @@ def test_render_results_writes_results_md_and_the_figures_the_json_holds(tmp_pat
   out = results_md.write(_copy(tmp_path))
   assert (tmp_path / "RESULTS.md").read_bytes() == _committed_md()
   names = sorted(os.path.basename(p) for p in out["figures"])
-  extra = ["mechanism.png"] if "mechanism.json" in RESULT_JSONS else []
+  extra = [f[: -len(".json")] + ".png" for f in RESULT_JSONS if f.startswith("mechanism")]
   if "regimes.json" in RESULT_JSONS:
     extra += sorted({f"regimes_{r['benchmark']}.png" for r in regimes.load(ROOT)[0]})
   assert names == sorted(["diagnose_ft.png", "diagnose_tpgm.png", "id_vs_ood.png", *extra])

@@ -167,6 +167,7 @@ def trace(config: ConfigDict, workdir: str, method: str = "tpgm") -> dict[str, A
     "train_size": cfg.data.get("train_size", 0),
     "norm": section.norm,
     "lazy": lazy,
+    "results": env.evaluator(params),  # the run's accuracy in %, every split
   }
   return {"paths": paths, "rows": out_rows, "info": info, "final_params": params}
 
@@ -272,6 +273,21 @@ def stem(method: str) -> str:
   return "mechanism" if method == "tpgm" else f"mechanism_{method}"
 
 
+def accuracy_line(info: Mapping[str, Any]) -> str | None:
+  """ "The run ends at ID ... / OOD ..." from the trace's evaluation (None for a trace written
+  before it had one)."""
+  res = info.get("results")
+  if not res:
+    return None
+  ood = {k: v for k, v in res.items() if k not in ("val", "test")}
+  mean = float(np.mean(list(ood.values()))) if ood else float("nan")
+  return (
+    f"The run ends at ID test {res['test']:.1f} % and OOD {mean:.1f} % (mean of "
+    + ", ".join(f"{k} {v:.1f}" for k, v in ood.items())
+    + f"; val {res['val']:.1f})."
+  )
+
+
 def render(data: Mapping[str, Any]) -> str:
   """The RESULTS.md section from ``results/mechanism.json`` (a subsection for a variant's
   ``results/mechanism_<method>.json``)."""
@@ -279,6 +295,7 @@ def render(data: Mapping[str, Any]) -> str:
   rows = summary["per_tensor"]
   pick = set(data["plotted"])
   name = stem(info["method"])
+  ends = accuracy_line(info)
   if name == "mechanism":
     head = [
       "## Why the radii stay small (`python -m experiments.mechanism`)",
@@ -303,7 +320,7 @@ def render(data: Mapping[str, Any]) -> str:
     [
       *head,
       "",
-      *[f"- {line}" for line in data["findings"]],
+      *[f"- {line}" for line in [*data["findings"], *([ends] if ends else [])]],
       "",
       f"![radius updates](results/{name}.png)",
       "",

@@ -39,12 +39,15 @@ def test_trace_replays_the_run_and_its_parts_add_up(tiny_config, tmp_path, metho
   config[method].proj_freq = 1
   data = mechanism.trace(config, os.fspath(tmp_path), method)
   assert data["info"]["lazy"] == (method == "tpgm_lazy")
+  # The trace evaluates its final parameters: the runner's own accuracy of the run.
   # The runner's own TPGM run of the same config ends at the same parameters.
   resolved = plan.make_plan(plan.with_fields(config, methods=(method,)), os.fspath(tmp_path))
   env = environment.setup(resolved, progress=False)
   saved = runner.run_method(env, resolved, resolved[method])[0][method]
   for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(data["final_params"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  assert data["info"]["results"] == pytest.approx(env.evaluator(saved), abs=0.5)
+  assert mechanism.accuracy_line(data["info"]).startswith("The run ends at ID test")
   rows = data["rows"]
   assert len(rows) == 3 and len(rows[0]["r_prev"]) == len(data["paths"])
   for prev, nxt in zip(rows, rows[1:]):  # the state carries r_new to the next step

@@ -238,6 +238,12 @@ def findings(summary: Mapping[str, Any], info: Mapping[str, Any]) -> list[str]:
     "smallest channel distance of the first step), and the projection moves some channel in "
     f"{100 * o['projected']:.0f} % of the steps.",
   ]
+  if info.get("lazy"):
+    out.append(
+      "With lazy projection the optimizer's steps accumulate unprojected: that iterate ends at "
+      f"a median largest channel distance of {o['bound_final']:.3g} from the anchor, and the "
+      f"radii at a median {100 * o['ratio_to_bound']:.1f} % of it."
+    )
   up, down = total["opt_up"], -total["opt_down"]
   if -total["clip_ceiling"] > 0.5 * up:
     beyond = (
@@ -250,15 +256,26 @@ def findings(summary: Mapping[str, Any], info: Mapping[str, Any]) -> list[str]:
       f"to the candidate's largest channel distance ({beyond})."
     )
   elif down >= 0.8 * up and o["step_over_lr"] < 0.5:
-    out.append(
-      "What holds the radii: **the held-out gradient's sign**. It changes most steps and, "
-      "summed, asks to shrink at least as much as to grow, so Adam's steps cancel and the "
-      "radii random-walk near where they start, reflected at zero by the clip's floor; the "
-      "ceiling and the step size rarely bind. That is consistent with the measured insensitivity "
-      "to the radius learning rate (it scales the steps both ways) and to the horizon (a walk "
-      "without drift does not grow with time), and with a 4x larger held-out batch changing "
-      "nothing: the mean of the signal, not only its noise, is near zero."
+    asks = (
+      "asks to shrink at least as much as to grow"
+      if down >= up
+      else f"asks to grow only {up / max(down, 1e-12):.2f}x as much as to shrink"
     )
+    line = (
+      f"What holds the radii: **the held-out gradient's sign**. It changes most steps and, "
+      f"summed, {asks}, so Adam's steps cancel and the radii random-walk near where they "
+      "start"
+      + (", reflected at zero by the clip's floor" if o["at_floor"] > 0.05 else "")
+      + "; the ceiling and the step size rarely bind."
+    )
+    if info.get("method") == "tpgm":  # the study's measurements of TPGM as published
+      line += (
+        " That is consistent with the measured insensitivity to the radius learning rate (it "
+        "scales the steps both ways) and to the horizon (a walk without drift does not grow "
+        "with time), and with a 4x larger held-out batch changing nothing: the mean of the "
+        "signal, not only its noise, is near zero."
+      )
+    out.append(line)
   else:
     out.append(
       f"What holds the radii: **the optimizer's step size**: the gradient mostly asks to grow "

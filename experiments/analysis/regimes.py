@@ -2,7 +2,7 @@
 
 ``python -m experiments.regimes --config experiments/configs/regimes.py [--workdir runs]
 [--config.regimes.run='("shapes_scarce",)'] [--config.regimes.out=.]`` runs, for every cell
-of ``regimes.run`` (default: all of ``regimes.cells``, in order), in
+of ``regimes.run`` (default: all of ``regimes.cells``, in :func:`ordered_cells` order), in
 ``<workdir>/<config.name>/``:
 
 1. **selection, per cell** (seed ``regimes.select_seed``): every ``(method, field, values)``
@@ -218,18 +218,33 @@ def _cell_path(config: ConfigDict, workdir: str, cell: str, partial=False) -> ep
   return epath.Path(workdir) / config.name / "cells" / f"{cell}{suffix}"
 
 
+def ordered_cells(config: ConfigDict) -> list[str]:
+  """The cells of ``regimes.cells`` by benchmark, then training-set size (0, all, is the
+  largest), then steps: the order they run in by default and are reported in (a
+  ``ConfigDict`` keeps its keys sorted by name, so the config's own order is not kept)."""
+  cells = config.regimes.cells
+
+  def key(name):
+    spec = cells[name]
+    return (spec.benchmark, spec.train_size or float("inf"), spec.steps, name)
+
+  return sorted(cells, key=key)
+
+
 def finished_cells(config: ConfigDict, workdir: str) -> list[dict[str, Any]]:
   """The summaries of the cells of ``config`` that finished with the current config (in
-  ``regimes.cells`` order; a summary of an older config is left out, with a warning); a
-  partial summary (:func:`run_cell` with ``partial``) stands in for a cell not finished."""
+  :func:`ordered_cells` order; a summary of an older config is left out, with a warning); a
+  partial summary (:func:`run_cell` with ``partial``) with at least one finished run stands in
+  for a cell not finished."""
   out = []
-  for cell in config.regimes.cells:
+  for cell in ordered_cells(config):
     want = cell_hash(config, cell)
     for partial in (False, True):
       path = _cell_path(config, workdir, cell, partial=partial)
       data = json.loads(path.read_text()) if path.exists() else None
       if data is not None and data.get("hash") == want:
-        out.append(data)
+        if data.get("runs", 1):  # a partial summary of nothing is no result
+          out.append(data)
         break
       if data is not None:
         logging.warning("regimes: %s was made with another config; run the cell again", path)
@@ -546,7 +561,7 @@ def collect(config: ConfigDict, workdir: str, out_dir: str | os.PathLike) -> epa
     recs = [r for r in previous[0] if r["cell"] not in done] + recs
     kept = {c: m for c, m in previous[1]["cells"].items() if c not in done}
     info["cells"] = {**kept, **info["cells"]}
-  order = {c: i for i, c in enumerate(config.regimes.cells)}
+  order = {c: i for i, c in enumerate(ordered_cells(config))}
   info["cells"] = dict(sorted(info["cells"].items(), key=lambda kv: order.get(kv[0], len(order))))
   recs.sort(key=lambda r: order.get(r["cell"], len(order)))
   (out / "results" / "regimes.json").write_text(json.dumps(recs, indent=1))
@@ -567,7 +582,7 @@ def load(out_dir: str | os.PathLike) -> tuple[list, dict] | None:
 
 def regime_map(config: ConfigDict, workdir: str) -> epath.Path:
   """Runs the cells of ``regimes.run`` (all by default), then :func:`collect`."""
-  todo = list(config.regimes.run) or list(config.regimes.cells)
+  todo = list(config.regimes.run) or ordered_cells(config)
   for cell in todo:
     cell_config(config, cell)  # every name checked before anything runs
   for cell in todo:

@@ -8,7 +8,8 @@ otherwise. In every cell every method's own hyper-parameters are picked on that 
 split from the grids of ``regimes.select`` (the same grids in every cell; the fields a method
 does not select, e.g. L2-SP's learning rate, are the shared ``train.optimizer.lr`` picked for
 FT in that cell), then every method runs with every seed. ``regimes.run`` names the cells to
-run now (default: all, in the order of ``regimes.cells``); finished runs are reused.
+run now (default: all, by benchmark, then training-set size, then steps); finished runs are
+reused.
 """
 
 from ml_collections import ConfigDict
@@ -33,7 +34,7 @@ def get_config() -> ConfigDict:
   c.regimes = ConfigDict()
   c.regimes.seeds = (0, 1, 2)
   c.regimes.select_seed = 0
-  c.regimes.run = ()  # cells to run now; () means every cell, in order
+  c.regimes.run = ()  # cells to run now, in this order; () means every cell
   c.regimes.out = ""  # "" means <workdir>/<name>; "." writes results/ and RESULTS.md here
   c.regimes.partial = False  # True: run nothing, summarise what has finished (partial cells)
   c.regimes.render_only = False  # True: only re-render RESULTS.md from results/regimes*.json

@@ -48,6 +48,8 @@ def test_cell_config_sets_size_and_steps_and_rejects_unknown_names(tiny_config, 
   config = _config(tiny_config, tmp_path)
   cell = regimes.cell_config(config, "small")
   assert (cell.data.train_size, cell.train.steps) == (16, 4)
+  # Cells run and are reported by benchmark, size (0 = all, the largest), steps; not by name.
+  assert regimes.ordered_cells(config) == ["small", "all"]
   assert plan.get_task(cell).train.split == "real_train[:16]"
   with pytest.raises(plan.ConfigError, match="unknown cell 'nope'"):
     regimes.cell_config(config, "nope")
@@ -116,6 +118,9 @@ def test_regime_map_selects_per_cell_records_every_run_and_resumes(tiny_config, 
   assert not part["complete"] and len(part["selection"]) == 2
   assert {(r["method"], r["seed"]) for r in part["records"]} == {("ft", 0), ("tpgm", 0)}
   assert (tmp_path / "regimes" / "cells" / "small.partial.json").exists()
+  # A cell with nothing finished yet is left out of the results, not reported empty.
+  more.regimes.cells.unrun = {"benchmark": "shapes", "train_size": 8, "steps": 3}
+  assert regimes.run_cell(more, "unrun", os.fspath(tmp_path), partial=True)["records"] == []
   assert [c["cell"] for c in regimes.finished_cells(more, os.fspath(tmp_path))] == ["small"]
   # A cell summary made with another config is not mixed in.
   changed = _config(tiny_config, tmp_path)

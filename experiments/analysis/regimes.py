@@ -319,9 +319,20 @@ def aggregate(recs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str
   return out
 
 
+def wise_frontier(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+  """The WiSE-FT curve's Pareto frontier: the ``(id, ood)`` points (means over seeds) that no
+  other point beats in both, by increasing ID. Where seed noise is as large as the curve's
+  ID range the alphas' points zigzag; the frontier is what mixing the two ends can reach."""
+  front = [p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points)]
+  return sorted(set(front))
+
+
 def _wise_ood_at(rows: Mapping[str, Mapping[str, Any]], at_id: float) -> float | None:
-  """OOD of the WiSE-FT curve (means, linear between alphas) at ID ``at_id``; None outside."""
-  pts = sorted((rows[n]["id"][0], rows[n][OOD_MEAN][0]) for n in rows if n.startswith("wise_ft_"))
+  """OOD of the WiSE-FT curve's frontier (:func:`wise_frontier`, linear between points) at ID
+  ``at_id``; None outside its ID range."""
+  pts = wise_frontier(
+    [(rows[n]["id"][0], rows[n][OOD_MEAN][0]) for n in rows if n.startswith("wise_ft_")]
+  )
   if len(pts) < 2:
     return None
   ids, oods = np.array(pts).T

@@ -193,6 +193,14 @@ def test_regime_section_renders_premise_verdict_tables_and_figure(tiny_config, t
   ):
     assert needle in text, needle
   (written,) = regimes.render_figures(recs, tmp_path)
+  # A zigzag curve (seed noise) is compared by its frontier: (79, 72) and (78.5, 70) are beaten
+  # by (80, 74), so at ID 81 the curve is on the line from (80, 74) to (85, 55): 70.2.
+  front = regimes.wise_frontier([(78.5, 70), (80, 74), (79, 72), (90, 50), (85, 55)])
+  assert front == [(80, 74), (85, 55), (90, 50)]
+  zigzag = {f"wise_ft_{i}": {"id": (x, 0), "ood_mean": (y, 0)} for i, (x, y) in enumerate(front)}
+  assert regimes._wise_ood_at(
+    {**zigzag, "wise_ft_9": {"id": (79, 0), "ood_mean": (72, 0)}}, 81
+  ) == (pytest.approx(74 - 19 / 5))
   assert written.name == "regimes_b.png" and os.path.getsize(written) > 10_000
 
 

@@ -9,6 +9,18 @@ from experiments import environment, plan
 from experiments.training import loop
 
 
+def subprocess_env(devices: int) -> dict[str, str]:
+  """The environment of a subprocess that is one process of a multi-process run on ``devices``
+  CPU devices: this session's (its XLA flags, compilation cache), with ``devices``."""
+  flag = "--xla_force_host_platform_device_count"
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(flag)]
+  return {
+    **os.environ,
+    "XLA_FLAGS": " ".join([f"{flag}={devices}", *flags]),
+    "JAX_PLATFORMS": "cpu",
+  }
+
+
 def run_dir(config, workdir, name):
   """The directory of run ``name`` of ``config`` (its plan's)."""
   return plan.make_plan(plan.with_fields(config, methods=(name,)), workdir)[name].directory

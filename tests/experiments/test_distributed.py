@@ -19,6 +19,7 @@ from experiments import models
 from experiments.training import distributed
 from experiments.training.checkpointing import Checkpointer
 from tests.experiments import _multiprocess_worker as toy
+from tests.experiments.helpers import subprocess_env
 
 needs_8_devices = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
 
@@ -224,11 +225,7 @@ def free_port():
 
 
 def test_two_processes_match_one_device(tmp_path, reference):
-  env = {
-    **os.environ,
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-    "JAX_PLATFORMS": "cpu",
-  }
+  env = subprocess_env(devices=4)  # this session's XLA flags with 4 devices
   coordinator = f"localhost:{free_port()}"
   script = os.path.join(os.path.dirname(__file__), "_multiprocess_worker.py")
   procs = [

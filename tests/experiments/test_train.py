@@ -24,7 +24,7 @@ import pytest
 
 from experiments import runner
 from experiments.training import checkpointing, distributed, loop, weights
-from tests.experiments.helpers import build_step, run_dir
+from tests.experiments.helpers import build_step, run_dir, subprocess_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -299,11 +299,7 @@ def _free_port():
 
 def test_two_processes_match_one_device(long_tpgm, tmp_path):
   config, _, ref_params, ref_rows = long_tpgm
-  env = {
-    **os.environ,
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-    "JAX_PLATFORMS": "cpu",
-  }
+  env = subprocess_env(devices=4)  # this session's XLA flags with 4 devices
   coordinator = f"localhost:{_free_port()}"
   procs = [
     _main(

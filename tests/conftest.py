@@ -5,12 +5,15 @@ flags and JAX its cache settings when they initialise), and it is inherited by
 the subprocesses the tests start:
 
 * ``--xla_force_host_platform_device_count=8``: 8 CPU devices for the sharding tests.
-* ``--xla_backend_optimization_level=0``: the programs of the tests are tiny and compiling
-  them is most of their time; XLA:CPU's LLVM back end at its default level spends seconds
-  on a model's random initialiser alone. The level changes how fast the machine code runs,
-  not what it computes (the HLO passes run as usual; results can differ in the last bit of a
-  float32, like any other compiler flag); a test comparing two runs bit for bit compiles
-  both the same way. Set ``XLA_FLAGS`` yourself to test with other flags.
+* ``--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false``: the programs
+  of the tests are tiny and compiling them is most of their time. XLA:CPU's LLVM back end at
+  its default level spends seconds on a model's random initialiser alone, and its newer
+  fusion emitters compile a train step about three times slower than the classic ones.
+  These flags change how the machine code is generated and how fast it runs, not what it
+  computes: the HLO passes run as usual, and results can differ from the defaults' in the
+  last bit of a float32, as with any other compiler flag. A test comparing two runs bit for
+  bit compiles both the same way (subprocesses inherit the flags). Set ``XLA_FLAGS``
+  yourself to test with other flags.
 * JAX's persistent compilation cache in a fresh directory of this session (removed at exit):
   a program compiled once (the same tiny train step of several runs, of a subprocess and its
   parent) is not compiled again.
@@ -22,7 +25,8 @@ import shutil
 import tempfile
 
 DEVICES_FLAG = "--xla_force_host_platform_device_count"
-os.environ.setdefault("XLA_FLAGS", f"{DEVICES_FLAG}=8 --xla_backend_optimization_level=0")
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+os.environ.setdefault("XLA_FLAGS", f"{DEVICES_FLAG}=8 {FAST_COMPILE}")
 
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache = tempfile.mkdtemp(prefix="tpgm_jax_tests_xla_")

@@ -148,9 +148,8 @@ class Setup:
     """The TPGM projection link alone, on fixed updates (the SGD step's first update):
     what the projection costs as a program of its own."""
     tx = tpgm_jax.tpgm(norm="mars", mask=NOT_HEAD)
-    updates, _ = self.sgd.update(
-      jax.grad(self.loss)(self.params, self.train), self.sgd.init(self.params), self.params
-    )
+    grads = jax.jit(jax.grad(self.loss))(self.params, self.train)  # one compilation, not many
+    updates, _ = self.sgd.update(grads, self.sgd.init(self.params), self.params)
 
     def step(carry, fixed):
       (p, s), (u, radii) = carry, fixed

@@ -1,5 +1,5 @@
 """Shared fixtures of the experiments tests: the tiny data set and pre-trained checkpoint, built
-once."""
+once, and the tiny config's FT and TPGM runs, trained once."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from experiments import environment
+from experiments import environment, runner
 from experiments.configs import tiny
 from experiments.plan import make_plan
 
@@ -34,3 +34,18 @@ def tiny_config(tiny_shared):
   config.data.data_dir = os.fspath(tiny_shared / "data")
   config.pretrain.cache_dir = os.fspath(tiny_shared / "cache")
   return config
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tiny_shared, tmp_path_factory):
+  """A workdir where the tiny config's FT and TPGM runs are finished (trained once): several
+  tests need one of them finished. Copy it into a test's own workdir
+  (``shutil.copytree(tiny_runs, tmp_path, dirs_exist_ok=True)``): the runs are then reused
+  there, as any finished run of the same configuration is."""
+  workdir = tmp_path_factory.mktemp("tiny_runs")
+  config = tiny.get_config()
+  config.data.data_dir = os.fspath(tiny_shared / "data")
+  config.pretrain.cache_dir = os.fspath(tiny_shared / "cache")
+  config.methods = ("ft", "tpgm")
+  runner.train_and_evaluate(config, workdir, progress=False)
+  return workdir

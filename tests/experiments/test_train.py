@@ -51,7 +51,10 @@ def run_one(config, workdir, name, **kwargs):
   return runner.train_and_evaluate(config, workdir, progress=False, **kwargs)
 
 
-def test_train_logs_checkpoints_and_reuses_a_finished_run(tiny_config, tmp_path):
+def test_train_logs_checkpoints_and_reuses_a_finished_run(tiny_config, tiny_runs, tmp_path):
+  """The files of a finished TPGM run (trained once for the session: tiny_runs) and a second
+  job that reuses it."""
+  shutil.copytree(tiny_runs, tmp_path, dirs_exist_ok=True)
   out = run_one(tiny_config, tmp_path, "tpgm")
   root = run_dir(tiny_config, tmp_path, "tpgm")
   assert root.name.startswith("tpgm-") and root.parent == tmp_path / "tiny"
@@ -139,7 +142,10 @@ def test_distance_metrics_read_a_masked_anchor_like_a_full_one():
     np.testing.assert_allclose(float(got[key]), float(want[key]), rtol=1e-6)
 
 
-def test_another_configuration_gets_its_own_run_and_never_resumes_another(tiny_config, tmp_path):
+def test_another_configuration_gets_its_own_run_and_never_resumes_another(
+  tiny_config, tiny_runs, tmp_path
+):
+  shutil.copytree(tiny_runs, tmp_path, dirs_exist_ok=True)  # a finished FT run
   run_one(tiny_config, tmp_path, "ft")
   first = run_dir(tiny_config, tmp_path, "ft")
   tiny_config.train.optimizer.lr = 0.5
@@ -163,7 +169,8 @@ def test_non_finite_loss_stops_with_a_clear_message(tiny_config, tmp_path):
   assert not os.listdir(run_dir(tiny_config, tmp_path, "ft") / "ckpt")  # nothing after NaN
 
 
-def test_corrupt_checkpoint_is_reported_and_never_replaced(tiny_config, tmp_path):
+def test_corrupt_checkpoint_is_reported_and_never_replaced(tiny_config, tiny_runs, tmp_path):
+  shutil.copytree(tiny_runs, tmp_path, dirs_exist_ok=True)  # a finished FT run
   run_one(tiny_config, tmp_path, "ft")
   root = run_dir(tiny_config, tmp_path, "ft")
   shutil.rmtree(root / "params")

@@ -1,5 +1,7 @@
 """The image classifiers: shapes, parameter counts and paths, the registry."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,6 +52,18 @@ def _abstract_init(model, image_size, batch=2):
   return variables, jax.eval_shape(model.apply, variables, x)
 
 
+def _classes(name):
+  return 1000 if name in PAPER_PRESETS else 10
+
+
+@functools.cache
+def _preset_shapes(name):
+  """``_abstract_init`` of the preset ``name`` as it is (``_classes(name)`` classes, its
+  default image size), traced once for every test that reads it (a paper-scale model takes
+  about a second to trace). Read it, never change it."""
+  return _abstract_init(models.get_model(name, _classes(name)), models.default_image_size(name))
+
+
 def test_registry_lists_all_presets():
   assert set(models.model_names()) == set(CPU_PRESETS + PAPER_PRESETS)
 
@@ -75,27 +89,26 @@ def test_cpu_preset_forward(name):
 
 @pytest.mark.parametrize("name", CPU_PRESETS + PAPER_PRESETS)
 def test_param_count_and_output_shape(name):
-  classes = 1000 if name in PAPER_PRESETS else 10
-  model = models.get_model(name, classes)
-  variables, out = _abstract_init(model, models.default_image_size(name))
-  assert out.shape == (2, classes)
+  variables, out = _preset_shapes(name)
+  assert out.shape == (2, _classes(name))
   assert _count(variables) == PARAM_COUNTS[name]
 
 
 @pytest.mark.parametrize("name", sorted(SOURCE_COUNTS))
 def test_converted_presets_match_the_source_models(name):
-  variables, _ = _abstract_init(models.get_model(name, 1000), 224)
+  variables, _ = _preset_shapes(name)  # 1000 classes, 224 x 224
+  assert models.default_image_size(name) == 224
   head = _count(variables["params"]["head"])
   assert _count(variables) - (0 if name == "timm_resnet50" else head) == SOURCE_COUNTS[name]
 
 
 def test_clip_presets_layout():
-  vit = _abstract_init(models.get_model("clip_vit_b16", 10), 224)[0]["params"]
+  vit = _preset_shapes("clip_vit_b16")[0]["params"]  # 1000 classes
   assert "bias" not in vit["embed"]["patch"] and set(vit["embed"]["norm"]) == {"scale", "bias"}
   assert vit["embed"]["pos"].shape == (1, 197, 768)
   assert vit["proj"]["kernel"].shape == (768, 512) and "bias" not in vit["proj"]
-  assert vit["head"]["kernel"].shape == (512, 10)
-  rn = _abstract_init(models.get_model("clip_resnet50", 10), 224)[0]["params"]
+  assert vit["head"]["kernel"].shape == (512, 1000)
+  rn = _preset_shapes("clip_resnet50")[0]["params"]
   assert [rn["stem"][f"unit{i}"]["conv"]["kernel"].shape for i in (1, 2, 3)] == [
     (3, 3, 3, 32),
     (3, 3, 32, 32),
@@ -104,7 +117,7 @@ def test_clip_presets_layout():
   assert set(rn["stem"]["unit1"]["norm"]) == {"scale", "bias"}  # affine, no statistics
   assert rn["pool"]["pos"].shape == (50, 2048) and rn["pool"]["out"]["kernel"].shape == (2048, 1024)
   assert rn["block04"]["unit2"]["conv"]["kernel"].shape == (3, 3, 128, 128)  # not strided
-  assert rn["head"]["kernel"].shape == (1024, 10)
+  assert rn["head"]["kernel"].shape == (1024, 1000)
 
 
 def _np_affine_resnet_block(x, p, stride):
@@ -235,7 +248,7 @@ def test_affine_norm_resnet_has_no_statistics():
 
 
 def test_resnet_small_is_the_benchmark_model():
-  variables, _ = _abstract_init(models.get_model("resnet_small", 10), 32)
+  variables, _ = _preset_shapes("resnet_small")  # 10 classes, 32 x 32
   params = variables["params"]
   assert 1.1e6 <= _count(variables) <= 1.3e6
   assert params["stem"]["conv"]["kernel"].shape == (3, 3, 3, 32)
@@ -251,7 +264,7 @@ def test_resnet_small_is_the_benchmark_model():
 
 @pytest.mark.parametrize("name", CPU_PRESETS + PAPER_PRESETS)
 def test_head_paths(name):
-  variables, _ = _abstract_init(models.get_model(name, 5), models.default_image_size(name))
+  variables, _ = _preset_shapes(name)
   paths = param_paths(variables)
   assert [p for p in paths if p.startswith("params/head/")] == [
     "params/head/bias",
@@ -261,16 +274,16 @@ def test_head_paths(name):
 
 
 def test_block_names_sort_in_depth_order():
-  variables, _ = _abstract_init(models.get_model("resnet50", 10), 64)
+  variables, _ = _preset_shapes("resnet50")
   blocks = [k for k in variables["params"] if k.startswith("block")]
   assert blocks == [f"block{i:02d}" for i in range(1, 17)]
   assert blocks == sorted(blocks)
-  encoder = _abstract_init(models.get_model("vit_b16", 10), 32)[0]["params"]["encoder"]
+  encoder = _preset_shapes("vit_b16")[0]["params"]["encoder"]
   assert list(encoder) == [f"block{i:02d}" for i in range(1, 13)] + ["norm"]
 
 
 def test_vit_attention_kernels_are_2d():
-  params = _abstract_init(models.get_model("vit_tiny", 10), 32)[0]["params"]
+  params = _preset_shapes("vit_tiny")[0]["params"]  # 32 x 32
   attn = params["encoder"]["block1"]["attn"]
   assert attn["qkv"]["kernel"].shape == (96, 288)
   assert attn["out"]["kernel"].shape == (96, 96)

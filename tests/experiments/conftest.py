@@ -47,5 +47,6 @@ def tiny_runs(tiny_shared, tmp_path_factory):
   config.data.data_dir = os.fspath(tiny_shared / "data")
   config.pretrain.cache_dir = os.fspath(tiny_shared / "cache")
   config.methods = ("ft", "tpgm")
-  runner.train_and_evaluate(config, workdir, progress=False)
+  resolved = make_plan(config, workdir)
+  runner.execute(environment.setup(resolved, progress=False), resolved)  # no report needed
   return workdir

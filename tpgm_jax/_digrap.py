@@ -221,12 +221,14 @@ def _digrap_tensor(
   lr = _tree.in_dtype(lr, ct, scheduled[0])
   max_strength = _tree.in_dtype(max_strength, ct, scheduled[1])
   gc = g.astype(ct)
-  r = w.astype(ct) - jnp.asarray(w0).astype(ct)
+  gp = jnp.sum(gc * prev_p)
+  # XLA stores r (two reductions and two writes read it): made after gp, which reads the
+  # gradient, it is not held through the backward pass (see _wrapper.after; deferring w0
+  # rather than r leaves the writes reading r, not w, so w can still be updated in place).
+  r = w.astype(ct) - _wrapper.after(gp, count, jnp.asarray(w0).astype(ct))
   dot = jnp.sum(gc * r)
   p = (dot / (jnp.sum(jnp.square(r)) + EPS)) * r
-  h = jnp.sum(gc * prev_p) / (
-    jnp.sqrt(jnp.sum(jnp.square(gc))) * jnp.sqrt(jnp.sum(jnp.square(prev_p))) + EPS
-  )
+  h = gp / (jnp.sqrt(jnp.sum(jnp.square(gc))) * jnp.sqrt(jnp.sum(jnp.square(prev_p))) + EPS)
   step, mu, nu = _wrapper.scalar_adam(h, mu, nu, count, OMEGA_B1, OMEGA_B2, EPS)
   omega = jnp.clip(omega - lr * step, 0.0, max_strength)
   new_g = jnp.where(dot < 0, gc - omega * p, gc).astype(jnp.result_type(g))

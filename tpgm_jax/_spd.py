@@ -147,7 +147,9 @@ def spd(
     lam = _tree.schedule_value("weight_decay", weight_decay, state.count)
     scheduled = _tree.is_schedule(weight_decay)
     updates = _tree.map_constrained(
-      lambda w0, w, g, u, a, a_c: _spd_tensor(w0, w, g, u, lam, scheduled, a, a_c),
+      lambda w0, w, g, u, a, a_c: _spd_tensor(
+        w0, w, g, u, lam, scheduled, a, a_c, count=state.count
+      ),
       w0,
       params,
       grads,
@@ -161,22 +163,34 @@ def spd(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _spd_tensor(w0, w, g, u, weight_decay, scheduled=False, adapter=_lora.NONE, cand=_lora.NONE):
+def _spd_tensor(
+  w0, w, g, u, weight_decay, scheduled=False, adapter=_lora.NONE, cand=_lora.NONE, count=None
+):
   """One tensor's SPD update; for an adapter's ``B`` (``w0 = 0``) the norms are those of the
-  current and candidate merged updates ``s A B`` and ``s A' B'``."""
+  current and candidate merged updates ``s A B`` and ``s A' B'``. ``count``: SPD's step
+  count (orders the conversions, see :func:`_wrapper.after`)."""
   ct = _projection.compute_dtype(jnp.result_type(w))
   weight_decay = _tree.in_dtype(weight_decay, ct, scheduled)
-  w, w0 = w.astype(ct), w0.astype(ct)
+  # Each reduction of w - w0 computes it from a copy of w of its own (see _wrapper.private);
+  # a conversion to ct is stored, so it is made once the gradient exists (_wrapper.after).
+  w_dot, w_norm = _wrapper.private(w, 2)
+
+  def cast(x):
+    if x.dtype == ct or count is None or g.size == 0:
+      return x.astype(ct)
+    return _wrapper.after(g.reshape(-1)[0], count, x.astype(ct))
+
+  w, w0, w_dot, w_norm = w.astype(ct), cast(w0), cast(w_dot), cast(w_norm)
   c = w + u.astype(ct)
-  d_old, d_new = w - w0, c - w0
+  d_new = c - w0
   if adapter:
     n_old = jnp.sqrt(_lora.merged_sq_norm(adapter.partner, w, adapter.scale)).astype(ct)
     n_new = jnp.sqrt(_lora.merged_sq_norm(cand.partner, c, cand.scale)).astype(ct)
   else:
-    n_old = jnp.sqrt(jnp.sum(jnp.square(d_old)))
+    n_old = jnp.sqrt(jnp.sum(jnp.square(w_norm - w0)))
     n_new = jnp.sqrt(jnp.sum(jnp.square(d_new)))
   moved = n_new > 0  # guards the division where c == w0
   ratio = jnp.clip((n_new - n_old) / jnp.where(moved, n_new, 1.0), 0.0, 1.0)
-  selected = moved & (jnp.sum(g.astype(ct) * d_old) > 0)
+  selected = moved & (jnp.sum(g.astype(ct) * (w_dot - w0)) > 0)
   decay = jnp.where(selected, weight_decay * ratio, 0.0)
   return (u.astype(ct) - decay * d_new).astype(jnp.result_type(u))

@@ -63,6 +63,32 @@ def in_place(read: jax.Array, count: jax.Array, old: jax.Array, new: jax.Array) 
   return jnp.where((count < 0) & jnp.isnan(read), old, new)
 
 
+def after(read: jax.Array, count: jax.Array, x: jax.Array) -> jax.Array:
+  """``x``, exactly, computed after the scalar ``read``.
+
+  A value that depends on the params and the anchor alone (``w - w0``, a conversion of
+  either) can be computed at the start of the step; where XLA stores it (several fusions
+  read it), it is then held through the whole backward pass, a params-sized temporary
+  for every tensor at once. A select on a predicate that depends on ``read`` (a value of
+  the gradient) and is never true (``count``, a step count, is never negative) defers it
+  until ``read`` exists, so that it lives while its tensor is updated, then is freed.
+  """
+  return jnp.where((count < 0) & jnp.isnan(read), jnp.zeros_like(x), x)
+
+
+def private(x: jax.Array, n: int) -> tuple[jax.Array, ...]:
+  """``n`` copies of ``x``: the same value, as new values that XLA merges with nothing.
+
+  XLA:CPU fuses an element-wise expression into a reduction only where the reduction is
+  its one reader: an expression read by two reductions (or by a reduction and another
+  fusion) is first stored in a params-sized temporary. A reduction that computes its
+  operand from a copy of its own recomputes it inside its fusion instead (no temporary,
+  one more read of ``x``). ``jax.lax.optimization_barrier`` keeps XLA from merging the
+  copies' expressions; it is removed before the program runs.
+  """
+  return tuple(jax.lax.optimization_barrier((x,) * n))
+
+
 def scalar_adam(
   h: jax.Array,
   mu: jax.Array,

@@ -147,9 +147,7 @@ def spd(
     lam = _tree.schedule_value("weight_decay", weight_decay, state.count)
     scheduled = _tree.is_schedule(weight_decay)
     updates = _tree.map_constrained(
-      lambda w0, w, g, u, a, a_c: _spd_tensor(
-        w0, w, g, u, lam, scheduled, a, a_c, count=state.count
-      ),
+      lambda w0, w, g, u, a, a_c: _spd_tensor(w0, w, g, u, lam, scheduled, a, a_c, state.count),
       w0,
       params,
       grads,
@@ -163,9 +161,7 @@ def spd(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _spd_tensor(
-  w0, w, g, u, weight_decay, scheduled=False, adapter=_lora.NONE, cand=_lora.NONE, count=None
-):
+def _spd_tensor(w0, w, g, u, weight_decay, scheduled, adapter, cand, count):
   """One tensor's SPD update; for an adapter's ``B`` (``w0 = 0``) the norms are those of the
   current and candidate merged updates ``s A B`` and ``s A' B'``. ``count``: SPD's step
   count (orders the conversions, see :func:`_wrapper.after`)."""
@@ -176,7 +172,7 @@ def _spd_tensor(
   w_dot, w_norm = _wrapper.private(w, 2)
 
   def cast(x):
-    if x.dtype == ct or count is None or g.size == 0:
+    if x.dtype == ct or g.size == 0:
       return x.astype(ct)
     return _wrapper.after(g.reshape(-1)[0], count, x.astype(ct))
 

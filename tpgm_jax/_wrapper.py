@@ -49,6 +49,13 @@ def check_inner(inner: Any, name: str) -> optax.GradientTransformation:
   return inner
 
 
+def _never(read: jax.Array, count: jax.Array) -> jax.Array:
+  """A predicate that depends on ``read`` and is never true (``count``, a step count, is never
+  negative): a select on it orders ``read`` before the selected value (:func:`in_place`,
+  :func:`after`)."""
+  return (count < 0) & jnp.isnan(read)
+
+
 def in_place(read: jax.Array, count: jax.Array, old: jax.Array, new: jax.Array) -> jax.Array:
   """``new``, exactly, written so that XLA updates ``old``'s buffer in place.
 
@@ -60,7 +67,7 @@ def in_place(read: jax.Array, count: jax.Array, old: jax.Array, new: jax.Array) 
   and is never true (``count``, the step number, is >= 1) orders the read first and
   lets the write happen in place; the value is ``new`` bit for bit.
   """
-  return jnp.where((count < 0) & jnp.isnan(read), old, new)
+  return jnp.where(_never(read, count), old, new)
 
 
 def after(read: jax.Array, count: jax.Array, x: jax.Array) -> jax.Array:
@@ -73,7 +80,7 @@ def after(read: jax.Array, count: jax.Array, x: jax.Array) -> jax.Array:
   the gradient) and is never true (``count``, a step count, is never negative) defers it
   until ``read`` exists, so that it lives while its tensor is updated, then is freed.
   """
-  return jnp.where((count < 0) & jnp.isnan(read), jnp.zeros_like(x), x)
+  return jnp.where(_never(read, count), jnp.zeros_like(x), x)
 
 
 def private(x: jax.Array, n: int) -> tuple[jax.Array, ...]:

@@ -8,6 +8,13 @@ the val, ID test and OOD splits, and its ``results.json`` written. The
 checkpoints carry the same hash, so a checkpoint directory of another
 configuration is an error, never a resume.
 
+A *run store* (``execute(..., store=dir)``) keeps a copy of every finished run's
+``results.json`` as ``<store>/<name>-<hash>.json``: a few kilobytes per run, so a long
+study can commit it and resume in another working directory (a fresh clone) from every run
+it finished. A run found only there is restored to its directory; a run that needs the
+params of a run found only there (post-hoc steps, ``init_from``) retrains that run first
+(same spec, same seed: the same params on the same software and hardware).
+
 :func:`train_and_evaluate` is the main job (``python -m experiments.main``):
 plan, environment, execute, and the report in ``<workdir>/<config.name>/``
 (``results.json``, ``results.md``, ``radii.png``).
@@ -25,6 +32,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from flax import traverse_util
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
@@ -58,8 +66,18 @@ def start_params(env: Environment, plan: Plan, spec: RunSpec, fresh: PyTree) -> 
   """The initial params of ``spec``: its ``init_from`` run's result, or the pre-trained
   weights with ``dont_load`` (the new head) kept from ``fresh``."""
   if spec.section.get("init_from"):
-    return env.load(plan[spec.section.init_from].directory / "params", fresh)
+    return params_of(env, plan, spec.section.init_from, fresh)
   return env.load(plan.pretrain.checkpoint, fresh, tuple(spec.train.dont_load))
+
+
+def params_of(env: Environment, plan: Plan, name: str, fresh: PyTree) -> PyTree:
+  """The final params of the trained run ``name``; trained again first if its results were
+  restored from a run store without them (see the module docstring)."""
+  spec = plan[name]
+  if not (spec.directory / "params").exists():
+    logging.info("%s: params not in %s; training it again", name, spec.directory)
+    train_run(env, plan, spec)
+  return env.load(spec.directory / "params", fresh)
 
 
 def constrained_mask(spec: RunSpec, params: PyTree) -> PyTree:
@@ -129,7 +147,7 @@ def run_method(
   if section.get("base"):
     # The alpha = 0 / radius = 0 end is another run with its own head (e.g. LP: the
     # pre-trained backbone with a head fitted to it), so every tensor is interpolated.
-    pretrained = env.load(plan[section.base].directory / "params", fresh)
+    pretrained = params_of(env, plan, section.base, fresh)
     mask = jax.tree.map(lambda _: True, fresh)
   else:
     source = plan[section.source]
@@ -140,7 +158,7 @@ def run_method(
     section=section,
     pretrained=pretrained,
     constrained=mask,
-    finetuned=env.load(plan[section.source].directory / "params", fresh),
+    finetuned=params_of(env, plan, section.source, fresh),
     heldout_loss=env.loss,
     heldout_batches=env.heldout_batches(
       "post_hoc", spec.seed, section.get("batch_size", plan.config.train.batch_size)
@@ -154,19 +172,38 @@ def run_method(
   return result.params, layers
 
 
-def cached_results(spec: RunSpec) -> dict[str, Any] | None:
-  """The run's saved ``results.json`` if it was written by this very spec (its hash)."""
-  path = spec.directory / "results.json"
+def stored_path(spec: RunSpec, store: str | os.PathLike) -> epath.Path:
+  """Where a run store keeps ``spec``'s results: ``<store>/<name>-<hash>.json``."""
+  return epath.Path(store) / f"{spec.name}-{spec.hash}.json"
+
+
+def _read(path: epath.Path, spec: RunSpec) -> dict[str, Any] | None:
   cached = json.loads(path.read_text()) if path.exists() else None
   return cached if cached is not None and cached["identity"] == spec.hash else None
 
 
-def execute(env: Environment, plan: Plan, names: list[str] | None = None) -> Outcome:
+def cached_results(spec: RunSpec, store: str | os.PathLike | None = None) -> dict[str, Any] | None:
+  """The run's saved ``results.json`` if it was written by this very spec (its hash), else
+  its copy in ``store`` (a run store, see the module docstring), else None."""
+  found = _read(spec.directory / "results.json", spec)
+  if found is None and store:
+    found = _read(stored_path(spec, store), spec)
+  return found
+
+
+def execute(
+  env: Environment,
+  plan: Plan,
+  names: list[str] | None = None,
+  *,
+  store: str | os.PathLike | None = None,
+) -> Outcome:
   """Trains or applies, then evaluates, each run of ``plan`` (or of ``names``, in plan
   order), reusing finished runs.
 
   A run's ``results.json`` also keeps the seconds its computation took
-  (``seconds``; the last session's, for a resumed run).
+  (``seconds``; the last session's, for a resumed run). With ``store``, finished runs are
+  also looked up in, restored from and copied to that run store (module docstring).
   """
   if not env.compatible(plan):
     raise ValueError(
@@ -179,8 +216,9 @@ def execute(env: Environment, plan: Plan, names: list[str] | None = None) -> Out
     if names is not None and spec.name not in names:
       continue
     t = time.perf_counter()
-    cached = cached_results(spec)
-    if cached is None:
+    cached = cached_results(spec, store)
+    computed = cached is None
+    if computed:
       variants, summary = run_method(env, plan, spec)
       cached = {
         "identity": spec.hash,
@@ -188,9 +226,14 @@ def execute(env: Environment, plan: Plan, names: list[str] | None = None) -> Out
         "layers": summary,
         "seconds": round(time.perf_counter() - t, 1),
       }
-      if primary:
-        spec.directory.mkdir(parents=True, exist_ok=True)
-        (spec.directory / "results.json").write_text(json.dumps(cached, indent=1))
+    if primary:
+      text = json.dumps(cached, indent=1)
+      targets = [spec.directory / "results.json"]
+      targets += [stored_path(spec, store)] if store else []
+      for path in targets:
+        if computed or not path.exists():  # a copy there has this hash: the same results
+          path.parent.mkdir(parents=True, exist_ok=True)
+          path.write_text(text)
     results.update(cached["results"])
     if cached["layers"] is not None:
       layers[spec.name] = cached["layers"]

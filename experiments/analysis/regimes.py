@@ -20,12 +20,17 @@ the run times), the figures ``<out>/results/regimes_<benchmark>.png`` and the se
 ``RESULTS.md`` (:func:`render`). A cell is a benchmark (a list of config fields,
 ``regimes.benchmarks``) with a fine-tuning set size (``data.train_size``, 0: all) and a
 number of steps. Every run is cached by its hash (:mod:`experiments.runner`), so an
-interrupted map resumes, and cells share the runs they have in common.
+interrupted map resumes, and cells share the runs they have in common; every finished run's
+results are also copied to the run store ``regimes.store`` (default
+``<out>/results/regimes_runs``, a few kB per run), so that the map resumes from them in
+another workdir or a fresh clone: with ``--config.regimes.out=.`` it reuses every run
+committed in ``results/regimes_runs``.
 ``--config.regimes.render_only=True`` only re-renders from ``results/regimes*.json``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -98,11 +103,18 @@ class NotFinished(Exception):  # noqa: N818 (a state, not an error)
   """A run the cell needs has not finished (raised by :func:`run_cell` with ``partial``)."""
 
 
-def _reuse_only(env, plan):
+def store_dir(config: ConfigDict, workdir: str) -> epath.Path:
+  """The map's run store (:mod:`experiments.runner`): ``regimes.store``, by default
+  ``<out>/results/regimes_runs`` (committed with the results when ``out`` is the repo)."""
+  out = config.regimes.out or f"{workdir}/{config.name}"
+  return epath.Path(config.regimes.store or f"{out}/results/regimes_runs")
+
+
+def _reuse_only(env, plan, store):
   """:func:`experiments.runner.execute` on runs that finished already; else NotFinished."""
-  if any(runner.cached_results(s) is None for s in plan):
+  if any(runner.cached_results(s, store) is None for s in plan):
     raise NotFinished
-  return runner.execute(env, plan)
+  return runner.execute(env, plan, store=store)
 
 
 def run_cell(config: ConfigDict, cell: str, workdir: str, *, partial: bool = False) -> dict:
@@ -120,7 +132,9 @@ def run_cell(config: ConfigDict, cell: str, workdir: str, *, partial: bool = Fal
   env = environment.setup(make_plan(cfg, workdir, device_count=jax.device_count()))
   t0 = time.perf_counter()
   seconds: dict[str, float | None] = {}
-  execute = _reuse_only if partial else runner.execute
+  execute = functools.partial(
+    _reuse_only if partial else runner.execute, store=store_dir(config, workdir)
+  )
   size, ood = _train_records(env), list(env.task.ood)
   recs, selection, complete = [], [], True
   try:

@@ -36,6 +36,8 @@ def get_config() -> ConfigDict:
   c.regimes.select_seed = 0
   c.regimes.run = ()  # cells to run now, in this order; () means every cell
   c.regimes.out = ""  # "" means <workdir>/<name>; "." writes results/ and RESULTS.md here
+  # Copies of every finished run's results; "" means <out>/results/regimes_runs.
+  c.regimes.store = ""
   c.regimes.partial = False  # True: run nothing, summarise what has finished (partial cells)
   c.regimes.render_only = False  # True: only re-render RESULTS.md from results/regimes*.json
   # Benchmark -> ((config field, value), ...) on top of this config.

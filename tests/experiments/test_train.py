@@ -338,3 +338,36 @@ def test_two_processes_match_one_device(long_tpgm, tmp_path):
   params = read_params(root / "params")
   for k in ref_params:
     np.testing.assert_allclose(params[k], ref_params[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_run_store_resumes_a_fresh_workdir_and_retrains_what_a_step_needs(
+  tiny_config, tiny_runs, tmp_path
+):
+  """A run store holds each finished run's results: another workdir (a fresh clone) reuses
+  them without training, and a post-hoc step whose source's params are not there trains that
+  source again, to the same params (the same post-hoc results)."""
+  from experiments import environment  # noqa: PLC0415
+  from experiments.plan import make_plan  # noqa: PLC0415
+
+  tiny_config.methods = ("ft", "tpgm_post_hoc")
+  tiny_config.tpgm_post_hoc.source, tiny_config.tpgm_post_hoc.base = "ft", ""  # FT's only
+  store, first, fresh = tmp_path / "store", tmp_path / "first", tmp_path / "fresh"
+  shutil.copytree(tiny_runs, first)  # FT finished there
+
+  def execute(workdir):
+    resolved = make_plan(tiny_config, workdir)
+    return runner.execute(environment.setup(resolved, progress=False), resolved, store=store)
+
+  done = execute(first).results
+  stored = sorted(p.name for p in store.iterdir())
+  assert [n.split("-")[0] for n in stored] == ["ft", "tpgm_post_hoc"]
+  assert execute(fresh).results == done  # every run from the store
+  for name in ("ft", "tpgm_post_hoc"):
+    root = run_dir(tiny_config, fresh, name)
+    assert os.listdir(root) == ["results.json"]  # restored, nothing trained
+  (store / stored[1]).unlink()
+  shutil.rmtree(run_dir(tiny_config, fresh, "tpgm_post_hoc"))
+  again = execute(fresh).results
+  assert (run_dir(tiny_config, fresh, "ft") / "params").exists()  # FT trained again
+  assert again == done  # bit for bit: the same FT params, the same post-hoc step
+  assert sorted(p.name for p in store.iterdir()) == stored

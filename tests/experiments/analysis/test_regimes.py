@@ -105,6 +105,12 @@ def test_regime_map_selects_per_cell_records_every_run_and_resumes(tiny_config, 
   assert again["records"] == [
     r for r in json.loads((tmp_path / "regimes" / "cells" / "small.json").read_text())["records"]
   ]
+  # Every finished run is also in the run store (<out>/results/regimes_runs): a fresh workdir
+  # (a fresh clone) with that store trains nothing and records the same.
+  assert len(os.listdir(out / "results" / "regimes_runs")) == len(before) - 1  # - cells/
+  clone = regimes.run_cell(config, "small", os.fspath(tmp_path / "clone"))
+  assert clone["records"] == again["records"]
+  assert not list((tmp_path / "clone").rglob("ckpt"))
   # Collecting from another workdir where only "small" finished keeps the other cell's
   # records already in the output (nothing finished is lost) and replaces "small"'s.
   elsewhere = tmp_path / "elsewhere" / "regimes" / "cells"

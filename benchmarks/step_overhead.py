@@ -56,6 +56,12 @@ the step holds at once). ``*_extra_bytes_per_param`` divides the total's excess
 over the method's baseline (its timing baseline; plain SGD for Adam) by the
 number of parameters, ``*_extra_state_bytes_per_param`` the optimizer state's
 (exact: the arrays' sizes). Keys use ``memory_key`` (``tpgm`` for ``project``).
+
+Traffic: ``*_bytes_accessed`` is XLA's count of the bytes each step's operations read and
+write (``compiled.cost_analysis()``); ``memory_gbps`` the bandwidth of a params-sized
+``x <- 1.0001 x + y`` timed in the same rounds; ``<method>_traffic_floor_ratio = 1 +
+(extra bytes / bandwidth) / baseline time``, what the ratio would be if the method's extra
+work were only its extra bytes streamed at that bandwidth: the floor of memory-bound work.
 """
 
 from __future__ import annotations
@@ -239,7 +245,18 @@ def _compile(step: Callable, args: tuple) -> tuple[Any, dict[str, int]]:
   out["total_bytes"] = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
   out["total_bytes"] += out["temp_bytes"]
   out["state_bytes"] = int(sum(x.nbytes for x in jax.tree.leaves(args[0][1])))
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list in older jax
+  out["bytes_accessed"] = int(cost.get("bytes accessed", 0))
   return compiled, out
+
+
+def _triad(num: int) -> tuple[Callable, tuple]:
+  """A memory-bound program over params-sized float32 arrays, ``x <- 1.0001 x + y`` (reads two
+  arrays, writes one, in place): its time gives the bandwidth the extra bytes stream at."""
+  fn = jax.jit(lambda x, y: 1.0001 * x + y, donate_argnums=0)
+  x, y = jnp.ones((num,), jnp.float32), jnp.ones((num,), jnp.float32)
+  return fn, (x, y)
 
 
 def memory_baseline(name: str) -> str | None:
@@ -269,7 +286,10 @@ def run(
   for n in methods:
     step, (carry[n], fixed[n]) = METHODS[n].build(setup)
     fns[n], memory[n] = _compile(step, (carry[n], fixed[n]))
-  times = {n: [] for n in methods}
+  leaves = jax.tree.leaves(setup.params)
+  num = int(sum(x.size for x in leaves))
+  triad, (tx, ty) = _triad(num)
+  times = {n: [] for n in (*methods, "triad")}
   for i in range(warmup + steps):
     for n in methods:
       t0 = time.perf_counter()
@@ -277,8 +297,12 @@ def run(
       dt = time.perf_counter() - t0
       if i >= warmup:
         times[n].append(dt * 1e3)
+    t0 = time.perf_counter()
+    tx = jax.block_until_ready(triad(tx, ty))
+    if i >= warmup:
+      times["triad"].append((time.perf_counter() - t0) * 1e3)
   ms = {n: statistics.median(t) for n, t in times.items()}
-  leaves = jax.tree.leaves(setup.params)
+  gbps = 3 * 4 * num / (ms["triad"] * 1e6)
   result = {
     "device": jax.devices()[0].device_kind,
     "backend": jax.default_backend(),
@@ -291,6 +315,8 @@ def run(
     "num_params": int(sum(x.size for x in leaves)),
     "param_bytes": int(sum(x.nbytes for x in leaves)),
     "radii_bytes": int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(setup.radii))),
+    # Read 2, write 1 params-sized float32 arrays, in the same rounds as the steps.
+    "memory_gbps": float(f"{gbps:.4g}"),
   }
   for n in methods:
     result[f"{n}_ms"] = round(ms[n], 2)
@@ -301,11 +327,17 @@ def run(
   if "project" in ms and "project_only" in ms:
     # The plain step plus the projection as a program of its own.
     result["project_alone_ratio"] = round((ms["plain"] + ms["project_only"]) / ms["plain"], 3)
-  num = result["num_params"]
   for n in methods:
     key = METHODS[n].memory_key or n
     for field in ("temp", "argument", "output", "alias", "total"):
       result[f"{key}_{field}_bytes"] = memory[n][f"{field}_bytes"]
+    result[f"{key}_bytes_accessed"] = memory[n]["bytes_accessed"]
+    base = METHODS[n].baseline
+    if base is not None and base in ms:
+      # The ratio if the step's extra bytes (XLA's count) streamed at the triad's bandwidth
+      # and nothing else changed: the floor of memory-bound extra work.
+      extra_s = (memory[n]["bytes_accessed"] - memory[base]["bytes_accessed"]) / (gbps * 1e9)
+      result[f"{n}_traffic_floor_ratio"] = round(1 + extra_s / (ms[base] / 1e3), 4)
     base = memory_baseline(n)
     if base in memory and n != "project_only":
       extra = memory[n]["total_bytes"] - memory[base]["total_bytes"]

@@ -31,10 +31,9 @@ def test_methods_run_in_bfloat16_and_report_their_keys():
     assert result[f"{name}_ms"] > 0
     key = step_overhead.METHODS[name].memory_key or name
     assert result[f"{key}_temp_bytes"] >= 0 and result[f"{key}_argument_bytes"] > 0
+  timed = {"project", "radii_update", "digrap"}  # the methods with a baseline
   assert {k for k in result if k.endswith("_ratio")} == {
-    "project_ratio",
-    "radii_update_ratio",
-    "digrap_ratio",
+    f"{m}_{kind}" for m in timed for kind in ("ratio", "traffic_floor_ratio")
   }
   assert set(step_overhead.DEFAULT_METHODS) <= set(step_overhead.METHODS)
 
@@ -67,6 +66,14 @@ def test_memory_per_parameter_the_projection_alone_and_the_bfloat16_anchor():
     )
     assert isinstance(result[f"{key}_extra_bytes_per_param"], float)
   assert "project_only_ratio" not in result and result["project_alone_ratio"] > 1
+  # Traffic: FTP reads and writes more than the plain step (anchor, previous displacement),
+  # and its floor is the extra bytes at the triad's bandwidth over the plain step's time.
+  assert result["memory_gbps"] > 0
+  assert result["ftp_bytes_accessed"] > result["plain_bytes_accessed"] > 0
+  extra = result["ftp_bytes_accessed"] - result["plain_bytes_accessed"]
+  floor = 1 + extra / (result["memory_gbps"] * 1e9) / (result["plain_ms"] / 1e3)
+  assert result["ftp_traffic_floor_ratio"] == pytest.approx(floor, rel=1e-3)
+  assert "plain_traffic_floor_ratio" not in result  # a baseline has no floor of its own
   assert 0 < result["bf16_anchor_max_rel_error"] < 2**-7
 
 

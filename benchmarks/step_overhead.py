@@ -62,6 +62,14 @@ write (``compiled.cost_analysis()``); ``memory_gbps`` the bandwidth of a params-
 ``x <- 1.0001 x + y`` timed in the same rounds; ``<method>_traffic_floor_ratio = 1 +
 (extra bytes / bandwidth) / baseline time``, what the ratio would be if the method's extra
 work were only its extra bytes streamed at that bandwidth: the floor of memory-bound work.
+``*_fusions`` and ``*_copies`` count the compiled program's kernels outside fused
+computations (``compiled.as_text()``).
+
+Apart: ``sgd_only``, ``adam_only``, ``ftp_only``, ``spd_only`` and ``digrap_only`` are the
+optimizer's update and its application alone, on a fixed gradient (no forward or backward
+pass); ``<method>_alone_ratio = (baseline + method_only - baseline_only) / baseline`` (FTP vs
+SGD, SPD and DiGraP vs Adam) is what the step would cost with the method's own optimizer work
+run as a program of its own: its arithmetic and memory traffic, unfused.
 """
 
 from __future__ import annotations
@@ -69,6 +77,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -136,6 +145,23 @@ class Setup:
 
     return step, ((self._copy(self.params), tx.init(self.params)), self.train)
 
+  def first_grads(self) -> Any:
+    """The gradient of the first training batch at the initial params (computed once)."""
+    if not hasattr(self, "_grads"):
+      self._grads = jax.jit(jax.grad(self.loss))(self.params, self.train)
+    return self._grads
+
+  def update_only(self, tx: optax.GradientTransformation) -> tuple[Callable, tuple]:
+    """``tx``'s update and its application alone, on a fixed gradient: what the optimizer
+    costs as a program of its own, without the forward and backward pass."""
+
+    def step(carry, grads):
+      p, s = carry
+      updates, s = tx.update(grads, s, p)
+      return optax.apply_updates(p, updates), s
+
+    return step, ((self._copy(self.params), tx.init(self.params)), self.first_grads())
+
   def project_step(self, anchor_dtype: Any = None) -> tuple[Callable, tuple]:
     """SGD followed by the TPGM projection with fixed radii (anchor stored in
     ``anchor_dtype``; None: the params' dtype)."""
@@ -154,8 +180,7 @@ class Setup:
     """The TPGM projection link alone, on fixed updates (the SGD step's first update):
     what the projection costs as a program of its own."""
     tx = tpgm_jax.tpgm(norm="mars", mask=NOT_HEAD)
-    grads = jax.jit(jax.grad(self.loss))(self.params, self.train)  # one compilation, not many
-    updates, _ = self.sgd.update(grads, self.sgd.init(self.params), self.params)
+    updates, _ = self.sgd.update(self.first_grads(), self.sgd.init(self.params), self.params)
 
     def step(carry, fixed):
       (p, s), (u, radii) = carry, fixed
@@ -185,11 +210,28 @@ class Setup:
 class Method:
   """A timed step: ``build(setup) -> (step, (carry, fixed))``; its ratio divides by the
   ``baseline`` method's time (None: it is a baseline); ``memory_key`` prefixes its memory
-  figures in the JSON (default: its name)."""
+  figures in the JSON (default: its name). ``alone``: the two optimizer-only programs
+  (:meth:`Setup.update_only`, the method's and its baseline's) whose difference is the
+  method's own work run apart from the step (``<name>_alone_ratio``). ``part`` marks such
+  a program, a part of a step: no memory excess of its own is reported."""
 
   build: Callable[[Setup], tuple[Callable, tuple]]
   baseline: str | None = "plain"
   memory_key: str | None = None
+  alone: tuple[str, str] | None = None
+  part: bool = False
+
+
+def _ftp(s: Setup) -> optax.GradientTransformation:
+  return tpgm_jax.ftp(optax.sgd(1e-2, momentum=0.9, nesterov=True), mask=NOT_HEAD)
+
+
+def _spd(s: Setup) -> optax.GradientTransformation:
+  return tpgm_jax.spd(optax.adam(1e-4), weight_decay=0.5, mask=NOT_HEAD)
+
+
+def _digrap(s: Setup) -> optax.GradientTransformation:
+  return optax.chain(tpgm_jax.digrap(strength_lr=0.05, mask=NOT_HEAD), s.adam)
 
 
 # One entry per timed method; a new method is one more entry.
@@ -199,22 +241,19 @@ METHODS: dict[str, Method] = {
   "project_bf16_anchor": Method(
     lambda s: s.project_step(anchor_dtype=jnp.bfloat16), memory_key="tpgm_bf16_anchor"
   ),
-  "project_only": Method(Setup.projection_only, baseline=None),
+  "project_only": Method(Setup.projection_only, baseline=None, part=True),
   "radii_update": Method(Setup.radii_step),
   "adam": Method(lambda s: s.optax_step(s.adam), baseline=None),
-  "ftp": Method(
-    lambda s: s.optax_step(
-      tpgm_jax.ftp(optax.sgd(1e-2, momentum=0.9, nesterov=True), mask=NOT_HEAD)
-    )
-  ),
-  "spd": Method(
-    lambda s: s.optax_step(tpgm_jax.spd(optax.adam(1e-4), weight_decay=0.5, mask=NOT_HEAD)),
-    baseline="adam",
-  ),
+  "ftp": Method(lambda s: s.optax_step(_ftp(s)), alone=("ftp_only", "sgd_only")),
+  "spd": Method(lambda s: s.optax_step(_spd(s)), baseline="adam", alone=("spd_only", "adam_only")),
   "digrap": Method(
-    lambda s: s.optax_step(optax.chain(tpgm_jax.digrap(strength_lr=0.05, mask=NOT_HEAD), s.adam)),
-    baseline="adam",
+    lambda s: s.optax_step(_digrap(s)), baseline="adam", alone=("digrap_only", "adam_only")
   ),
+  "sgd_only": Method(lambda s: s.update_only(s.sgd), baseline=None, part=True),
+  "adam_only": Method(lambda s: s.update_only(s.adam), baseline=None, part=True),
+  "ftp_only": Method(lambda s: s.update_only(_ftp(s)), baseline=None, part=True),
+  "spd_only": Method(lambda s: s.update_only(_spd(s)), baseline=None, part=True),
+  "digrap_only": Method(lambda s: s.update_only(_digrap(s)), baseline=None, part=True),
 }
 DEFAULT_METHODS = (
   "plain",
@@ -226,7 +265,26 @@ DEFAULT_METHODS = (
   "ftp",
   "spd",
   "digrap",
+  "sgd_only",
+  "adam_only",
+  "ftp_only",
+  "spd_only",
+  "digrap_only",
 )
+
+
+def _kernels(hlo: str) -> dict[str, int]:
+  """Counts of the compiled program's fusions and copies outside fused computations (each
+  one a kernel of its own), from ``compiled.as_text()``."""
+  fusions = copies = 0
+  fused = False
+  for line in hlo.splitlines():
+    if line and not line[0].isspace() and line.rstrip().endswith("{"):
+      fused = "fused" in line.split("(")[0] or line.startswith("%fused")
+    elif not fused:
+      fusions += bool(re.search(r"=.* fusion\(", line))
+      copies += bool(re.search(r"=.* copy\(", line))
+  return {"fusions": fusions, "copies": copies}
 
 
 def _compile(step: Callable, args: tuple) -> tuple[Any, dict[str, int]]:
@@ -248,6 +306,7 @@ def _compile(step: Callable, args: tuple) -> tuple[Any, dict[str, int]]:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list in older jax
   out["bytes_accessed"] = int(cost.get("bytes accessed", 0))
+  out.update(_kernels(compiled.as_text()))
   return compiled, out
 
 
@@ -332,14 +391,20 @@ def run(
     for field in ("temp", "argument", "output", "alias", "total"):
       result[f"{key}_{field}_bytes"] = memory[n][f"{field}_bytes"]
     result[f"{key}_bytes_accessed"] = memory[n]["bytes_accessed"]
+    result[f"{key}_fusions"] = memory[n]["fusions"]
+    result[f"{key}_copies"] = memory[n]["copies"]
     base = METHODS[n].baseline
     if base is not None and base in ms:
       # The ratio if the step's extra bytes (XLA's count) streamed at the triad's bandwidth
       # and nothing else changed: the floor of memory-bound extra work.
       extra_s = (memory[n]["bytes_accessed"] - memory[base]["bytes_accessed"]) / (gbps * 1e9)
       result[f"{n}_traffic_floor_ratio"] = round(1 + extra_s / (ms[base] / 1e3), 4)
+    alone = METHODS[n].alone
+    if alone and base in ms and all(a in ms for a in alone):
+      # The step plus the method's own optimizer work as a program of its own.
+      result[f"{n}_alone_ratio"] = round((ms[base] + ms[alone[0]] - ms[alone[1]]) / ms[base], 4)
     base = memory_baseline(n)
-    if base in memory and n != "project_only":
+    if base in memory and not METHODS[n].part:
       extra = memory[n]["total_bytes"] - memory[base]["total_bytes"]
       state = memory[n]["state_bytes"] - memory[base]["state_bytes"]
       result[f"{key}_extra_bytes_per_param"] = round(extra / num, 3)

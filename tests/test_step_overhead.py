@@ -43,6 +43,7 @@ def test_memory_per_parameter_the_projection_alone_and_the_bfloat16_anchor():
     stage_sizes=(1,), widths=(8,), strides=(1,), stem_width=8, stem_stride=2, norm_groups=4
   )
   methods = ("plain", "project", "project_bf16_anchor", "project_only", "adam", "ftp", "spd")
+  methods += ("sgd_only", "ftp_only")
   result = step_overhead.run(
     batch_size=2, steps=1, warmup=0, methods=methods, model="resnet_tiny", overrides=tiny
   )
@@ -74,6 +75,15 @@ def test_memory_per_parameter_the_projection_alone_and_the_bfloat16_anchor():
   floor = 1 + extra / (result["memory_gbps"] * 1e9) / (result["plain_ms"] / 1e3)
   assert result["ftp_traffic_floor_ratio"] == pytest.approx(floor, rel=1e-3)
   assert "plain_traffic_floor_ratio" not in result  # a baseline has no floor of its own
+  # FTP's own optimizer work run apart from the step: its update program minus SGD's.
+  alone = (result["plain_ms"] + result["ftp_only_ms"] - result["sgd_only_ms"]) / result["plain_ms"]
+  assert result["ftp_alone_ratio"] == pytest.approx(alone, rel=1e-3)
+  assert "spd_alone_ratio" not in result  # adam_only and spd_only were not run
+  assert "sgd_only_extra_bytes_per_param" not in result  # a part of a step, not a step
+  # Kernels: FTP's step runs more fusions than the plain step, and the update alone fewer
+  # than the whole step.
+  assert result["ftp_fusions"] > result["plain_fusions"] > result["sgd_only_fusions"] > 0
+  assert result["plain_copies"] >= 0
   assert 0 < result["bf16_anchor_max_rel_error"] < 2**-7
 
 

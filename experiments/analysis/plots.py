@@ -32,10 +32,10 @@ def _matplotlib():
   return matplotlib, plt
 
 
-def _save(fig, path: str | os.PathLike, dpi: int) -> epath.Path:
+def _save(fig, path: str | os.PathLike, dpi: int, rect=None) -> epath.Path:
   _, plt = _matplotlib()
   path = epath.Path(path)
-  fig.tight_layout()
+  fig.tight_layout(rect=rect)
   fig.savefig(os.fspath(path), dpi=dpi)
   plt.close(fig)
   return path
@@ -113,6 +113,69 @@ def id_vs_ood(
   """
   _, plt = _matplotlib()
   fig, ax = plt.subplots(figsize=(8, 6))
+  _draw_id_vs_ood(ax, plt, points, curve, highlight, curve_label, promise)
+  ax.set_title("In-distribution vs out-of-distribution (mean +- std over seeds)")
+  ax.legend(fontsize=7, loc="best", ncol=2)
+  return _save(fig, path, dpi=130)
+
+
+def id_vs_ood_cells(
+  path: str | os.PathLike,
+  panels: Mapping[str, Mapping[str, Any]],
+  title: str = "",
+) -> epath.Path:
+  """:func:`id_vs_ood` for several cells side by side, one panel each (its own axes).
+
+  Args:
+    path: the image file to write.
+    panels: panel title (a cell) -> ``{"points", "curve", "promise", "highlight"}``, the
+      arguments of :func:`id_vs_ood` (all but ``points`` optional).
+    title: the figure's title.
+
+  Returns:
+    ``path``.
+  """
+  _, plt = _matplotlib()
+  n = max(len(panels), 1)
+  cols = min(n, 3)
+  rows = -(-n // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 5 * rows), squeeze=False)
+  order: list[str] = []  # one colour and marker per method in every panel
+  for panel in panels.values():
+    order += [m for m in panel["points"] if m not in order]
+  index = {m: i for i, m in enumerate(order)}
+  legend: dict[str, Any] = {}
+  for ax, (name, panel) in zip(axes.flat, panels.items()):
+    _draw_id_vs_ood(
+      ax,
+      plt,
+      panel["points"],
+      panel.get("curve", ()),
+      panel.get("highlight", ()),
+      "WiSE-FT",
+      panel.get("promise"),
+      index,
+    )
+    ax.set_title(name, fontsize=10)
+    legend.update(zip(*reversed(ax.get_legend_handles_labels())))
+  spare = list(axes.flat)[len(panels) :]
+  for ax in spare:
+    ax.axis("off")
+  handles, labels = list(legend.values()), list(legend)
+  if title:
+    fig.suptitle(title)
+  if spare:  # the legend in the first empty panel
+    spare[0].legend(handles, labels, fontsize=9, loc="center", ncol=2)
+    return _save(fig, path, dpi=110)
+  ncol = min(len(legend), 7) or 1
+  fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=ncol)
+  bottom = (0.3 + 0.25 * (-(-len(legend) // ncol))) / (5 * rows)  # inches of legend rows
+  return _save(fig, path, dpi=110, rect=(0, bottom, 1, 1))
+
+
+def _draw_id_vs_ood(ax, plt, points, curve, highlight, curve_label, promise, index=None) -> None:
+  """The points, curve and promise of :func:`id_vs_ood` on ``ax`` (no title, no legend);
+  ``index``: method -> colour and marker number (default: its position in ``points``)."""
   if curve:
     alphas, xs, ys = zip(*curve)
     ax.plot(xs, ys, "-", color="grey", lw=1.5, zorder=1, label=curve_label)
@@ -133,6 +196,7 @@ def id_vs_ood(
   colors = [plt.get_cmap("tab20")(i) for i in (*range(0, 20, 2), *range(1, 20, 2))]
   markers = "osD^v<>pP*Xhd"
   for i, (row, v) in enumerate(points.items()):
+    i = index[row] if index else i
     strong = row in highlight
     color = colors[i % len(colors)]
     ax.errorbar(
@@ -161,10 +225,7 @@ def id_vs_ood(
   ax.set_ylim(min(ys) - 5, max(ys) + 5)
   ax.set_xlabel("ID test accuracy (%)")
   ax.set_ylabel("OOD mean accuracy (%)")
-  ax.set_title("In-distribution vs out-of-distribution (mean +- std over seeds)")
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7, loc="best", ncol=2)
-  return _save(fig, path, dpi=130)
 
 
 def weights_by_depth(

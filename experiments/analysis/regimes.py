@@ -498,6 +498,7 @@ def render(recs: Sequence[Mapping[str, Any]], meta_data: Mapping[str, Any], run_
     "",
   ]
   for b in benchmarks:
+    lines += [f"![ID vs OOD per cell on {b}](results/regimes_{b}_id_vs_ood.png)", ""]
     lines += [f"![gains vs FT on {b}](results/regimes_{b}.png)", ""]
   for c in cells:
     rows = agg[c["cell"]]
@@ -545,8 +546,10 @@ def render(recs: Sequence[Mapping[str, Any]], meta_data: Mapping[str, Any], run_
 
 
 def render_figures(recs: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike) -> list:
-  """One figure per benchmark, ``<out_dir>/results/regimes_<benchmark>.png``: ID and OOD gain
-  vs FT per method, per cell (mean ± std of the per-seed differences)."""
+  """Two figures per benchmark: ``<out_dir>/results/regimes_<benchmark>.png``, ID and OOD gain
+  vs FT per method, per cell (mean ± std of the per-seed differences), and
+  ``regimes_<benchmark>_id_vs_ood.png``, a panel per cell: every method's ID vs OOD mean
+  accuracy with the WiSE-FT curve and TPGM's promise (:func:`plots.id_vs_ood_cells`)."""
   agg = aggregate(recs)
   figs = epath.Path(out_dir) / "results"
   figs.mkdir(parents=True, exist_ok=True)
@@ -566,7 +569,37 @@ def render_figures(recs: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike
       for c in cells
     }
     written.append(plots.gains_vs_ft(figs / f"regimes_{bench}.png", gains, title=bench))
+    written.append(
+      plots.id_vs_ood_cells(
+        figs / f"regimes_{bench}_id_vs_ood.png",
+        {_cell_title(recs, c): _id_vs_ood_panel(agg[c]) for c in cells},
+        title=f"{bench}: ID vs OOD mean per cell (mean +- std over seeds)",
+      )
+    )
   return written
+
+
+def _cell_title(recs: Sequence[Mapping[str, Any]], cell: str) -> str:
+  r = next(r for r in recs if r["cell"] == cell)
+  return f"{cell}: {r['train_size']} images, {r['steps']} steps"
+
+
+def _id_vs_ood_panel(rows: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+  """One cell's :func:`plots.id_vs_ood` arguments: every method but the WiSE-FT alphas as a
+  point, the alphas as the curve, FT's point as the promise's corner."""
+  curve = sorted(
+    (float(m[len("wise_ft_") :]), row["id"][0], row[OOD_MEAN][0])
+    for m, row in rows.items()
+    if m.startswith("wise_ft_")
+  )
+  points = {
+    m: {"id": rows[m]["id"], "ood": rows[m][OOD_MEAN]}
+    for m in _order(rows)
+    if not m.startswith("wise_ft_")
+  }
+  ft = rows.get("ft")
+  promise = (ft["id"][0], ft[OOD_MEAN][0]) if ft else None
+  return {"points": points, "curve": curve, "promise": promise, "highlight": ("tpgm",)}
 
 
 RUN_COMMAND = "python -m experiments.regimes --config experiments/configs/regimes.py"

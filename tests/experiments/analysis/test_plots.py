@@ -47,6 +47,14 @@ def test_id_vs_ood(tmp_path):
   )
   assert _drawn(path)
   assert _drawn(plots.id_vs_ood(tmp_path / "points_only.png", points))
+  # One panel per cell; a method missing from one cell keeps its colour in the others.
+  panels = {
+    "a": {"points": points, "curve": curve, "promise": (95.0, 52.0), "highlight": ["tpgm"]},
+    "b": {"points": {"tpgm": points["tpgm"]}},
+  }
+  assert _drawn(plots.id_vs_ood_cells(tmp_path / "cells.png", panels, title="t"))
+  four = {**panels, "c": panels["b"], "d": panels["b"]}  # 3 x 2 panels: the legend in a spare
+  assert _drawn(plots.id_vs_ood_cells(tmp_path / "cells4.png", four))
 
 
 def test_weights_by_depth(tmp_path):

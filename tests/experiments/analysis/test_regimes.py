@@ -204,7 +204,7 @@ def test_regime_section_renders_premise_verdict_tables_and_figure(tiny_config, t
     "`train.optimizer.lr` | 0.1: 50.0 | 0.1",
   ):
     assert needle in text, needle
-  (written,) = regimes.render_figures(recs, tmp_path)
+  written, panels = regimes.render_figures(recs, tmp_path)
   # A zigzag curve (seed noise) is compared by its frontier: (79, 72) and (78.5, 70) are beaten
   # by (80, 74), so at ID 81 the curve is on the line from (80, 74) to (85, 55): 70.2.
   front = regimes.wise_frontier([(78.5, 70), (80, 74), (79, 72), (90, 50), (85, 55)])
@@ -214,6 +214,11 @@ def test_regime_section_renders_premise_verdict_tables_and_figure(tiny_config, t
     {**zigzag, "wise_ft_9": {"id": (79, 0), "ood_mean": (72, 0)}}, 81
   ) == (pytest.approx(74 - 19 / 5))
   assert written.name == "regimes_b.png" and os.path.getsize(written) > 10_000
+  assert panels.name == "regimes_b_id_vs_ood.png" and os.path.getsize(panels) > 10_000
+  panel = regimes._id_vs_ood_panel(agg["c1"])  # the WiSE-FT alphas are the curve, by alpha
+  assert [a for a, _, _ in panel["curve"]] == sorted(a for a, _, _ in panel["curve"])
+  assert not any(m.startswith("wise_ft_") for m in panel["points"])
+  assert panel["promise"] == (agg["c1"]["ft"]["id"][0], agg["c1"]["ft"]["ood_mean"][0])
 
 
 def test_results_md_puts_the_regime_map_before_the_study(tmp_path):

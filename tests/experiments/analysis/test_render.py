@@ -67,7 +67,8 @@ def test_render_results_writes_results_md_and_the_figures_the_json_holds(tmp_pat
   names = sorted(os.path.basename(p) for p in out["figures"])
   extra = [f[: -len(".json")] + ".png" for f in RESULT_JSONS if f.startswith("mechanism")]
   if "regimes.json" in RESULT_JSONS:
-    extra += sorted({f"regimes_{r['benchmark']}.png" for r in regimes.load(ROOT)[0]})
+    benchmarks = {r["benchmark"] for r in regimes.load(ROOT)[0]}
+    extra += [f"regimes_{b}{kind}.png" for b in benchmarks for kind in ("", "_id_vs_ood")]
   assert names == sorted(["diagnose_ft.png", "diagnose_tpgm.png", "id_vs_ood.png", *extra])
   for name in names:
     assert (tmp_path / "results" / name).stat().st_size > 10_000, name

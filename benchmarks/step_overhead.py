@@ -28,7 +28,9 @@ are timed round-robin (one step of each per round, ``--steps`` rounds after
 each reported time is the median over rounds. Ratios divide by the time of the
 method's baseline (:data:`METHODS`): a jitted SGD-momentum step (``plain``) on
 the same model and batch, or Adam (``adam``) for the methods that modify Adam (SPD,
-DiGraP: ``digrap_ratio``).
+DiGraP: ``digrap_ratio``). ``<method>_paired_ratio`` is the median of the per-round ratios
+(method and baseline timed in the same round) and ``_paired_ratio_iqr`` their quartiles: the
+spread of a ratio within the run.
 
 Model: any preset of ``experiments.models`` (``--model``), on random images of
 its default size (32x32 for the CPU presets, 224x224 for the paper ones), with
@@ -383,6 +385,13 @@ def run(
     base = METHODS[n].baseline
     if base is not None and base in ms:
       result[f"{n}_ratio"] = round(ms[n] / ms[base], 3)
+      # The same ratio round by round (the two steps ran next to each other): its median and
+      # quartiles show, within one run, how far the machine moves a ratio.
+      paired = np.array(times[n]) / np.array(times[base])
+      result[f"{n}_paired_ratio"] = round(float(np.median(paired)), 3)
+      result[f"{n}_paired_ratio_iqr"] = [
+        round(float(q), 3) for q in np.quantile(paired, [0.25, 0.75])
+      ]
   if "project" in ms and "project_only" in ms:
     # The plain step plus the projection as a program of its own.
     result["project_alone_ratio"] = round((ms["plain"] + ms["project_only"]) / ms["plain"], 3)

@@ -33,8 +33,11 @@ def test_methods_run_in_bfloat16_and_report_their_keys():
     assert result[f"{key}_temp_bytes"] >= 0 and result[f"{key}_argument_bytes"] > 0
   timed = {"project", "radii_update", "digrap"}  # the methods with a baseline
   assert {k for k in result if k.endswith("_ratio")} == {
-    f"{m}_{kind}" for m in timed for kind in ("ratio", "traffic_floor_ratio")
+    f"{m}_{kind}" for m in timed for kind in ("ratio", "paired_ratio", "traffic_floor_ratio")
   }
+  for m in timed:  # one round: the paired ratio is that round's, its quartiles the same
+    lo, hi = result[f"{m}_paired_ratio_iqr"]
+    assert lo == hi == result[f"{m}_paired_ratio"] == pytest.approx(result[f"{m}_ratio"], abs=2e-3)
   assert set(step_overhead.DEFAULT_METHODS) <= set(step_overhead.METHODS)
 
 

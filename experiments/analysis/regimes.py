@@ -37,6 +37,7 @@ import os
 import platform
 import re
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -607,14 +608,25 @@ RUN_COMMAND = "python -m experiments.regimes --config experiments/configs/regime
 
 def collect(config: ConfigDict, workdir: str, out_dir: str | os.PathLike) -> epath.Path:
   """Writes ``<out_dir>/results/regimes.json`` and ``regimes_meta.json`` from the finished
-  cells (those files' records of other cells are kept: nothing finished is lost); returns
+  cells (those files' records of other cells are kept, and of a cell finished here only in
+  part if they hold more of its runs: nothing finished is lost); returns
   ``<out_dir>`` (render with :func:`experiments.analysis.results_md.write`)."""
   cells = finished_cells(config, workdir)
   out = epath.Path(out_dir)
   (out / "results").mkdir(parents=True, exist_ok=True)
+  previous = load(out)
+  if previous is not None:
+    # A partial cell here does not replace more records of it made elsewhere (another
+    # workdir): nothing finished is lost; it replaces them once it holds as many.
+    had = Counter(r["cell"] for r in previous[0])
+    kept_back = [
+      c["cell"] for c in cells if not c.get("complete", True) and len(c["records"]) < had[c["cell"]]
+    ]
+    for cell in kept_back:
+      logging.info("regimes: %s kept as recorded (%d runs there)", cell, had[cell])
+    cells = [c for c in cells if c["cell"] not in kept_back]
   recs, info = records(cells), meta(cells, config)
   done = set(info["cells"])
-  previous = load(out)
   if previous is not None:  # cells finished elsewhere (another workdir) are kept
     recs = [r for r in previous[0] if r["cell"] not in done] + recs
     kept = {c: m for c, m in previous[1]["cells"].items() if c not in done}

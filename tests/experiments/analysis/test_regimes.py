@@ -130,6 +130,17 @@ def test_regime_map_selects_per_cell_records_every_run_and_resumes(tiny_config, 
   assert not part["complete"] and len(part["selection"]) == 2
   assert {(r["method"], r["seed"]) for r in part["records"]} == {("ft", 0), ("tpgm", 0)}
   assert (tmp_path / "regimes" / "cells" / "small.partial.json").exists()
+  # Collected from a workdir holding only that partial summary, it does not replace the more
+  # runs of "small" already in the output (a fresh workdir's first runs of a cell recorded
+  # elsewhere): the output keeps every record.
+  only = tmp_path / "partial_only" / "regimes" / "cells"
+  only.mkdir(parents=True)
+  partial_text = (tmp_path / "regimes" / "cells" / "small.partial.json").read_text()
+  (only / "small.partial.json").write_text(partial_text)
+  regimes.collect(more, os.fspath(tmp_path / "partial_only"), out)
+  kept = json.loads((out / "results" / "regimes.json").read_text())
+  assert sorted(kept, key=json.dumps) == sorted(recs, key=json.dumps)
+  assert json.loads((out / "results" / "regimes_meta.json").read_text())["cells"] == meta["cells"]
   # A cell with nothing finished yet is left out of the results, not reported empty.
   more.regimes.cells.unrun = {"benchmark": "shapes", "train_size": 8, "steps": 3}
   assert regimes.run_cell(more, "unrun", os.fspath(tmp_path), partial=True)["records"] == []

@@ -22,15 +22,16 @@ merged-update constraint ``tpgm(radii=..., lora=...)``, :func:`run_lora`)::
 
     python -m benchmarks.step_overhead --lora-rank 8 [--lora-width 512] [--lora-depth 4]
 
-Prints one JSON object. Every figure comes from one run: the step functions
-are timed round-robin (one step of each per round, ``--steps`` rounds after
-``--warmup``), so slow drifts of a shared machine hit all of them alike, and
-each reported time is the median over rounds. Ratios divide by the time of the
-method's baseline (:data:`METHODS`): a jitted SGD-momentum step (``plain``) on
-the same model and batch, or Adam (``adam``) for the methods that modify Adam (SPD,
-DiGraP: ``digrap_ratio``). ``<method>_paired_ratio`` is the median of the per-round ratios
-(method and baseline timed in the same round) and ``_paired_ratio_iqr`` their quartiles: the
-spread of a ratio within the run.
+Prints one JSON object. Every figure comes from one run: the step functions are timed round-
+robin (one step of each per round, ``--steps`` rounds after ``--warmup``), so slow drifts of
+a shared machine hit all of them alike, and each reported time is the median over rounds.
+Each round starts one method later than the last (``--fixed-order``: always in the order of
+``--methods``), so no method always runs first, or right after the same neighbour. Ratios
+divide by the time of the method's baseline (:data:`METHODS`): a jitted SGD-momentum step
+(``plain``) on the same model and batch, or Adam (``adam``) for the methods that modify Adam
+(SPD, DiGraP: ``digrap_ratio``). ``<method>_paired_ratio`` is the median of the per-round
+ratios (method and baseline timed in the same round) and ``_paired_ratio_iqr`` their
+quartiles: the spread of a ratio within the run.
 
 Model: any preset of ``experiments.models`` (``--model``), on random images of
 its default size (32x32 for the CPU presets, 224x224 for the paper ones), with
@@ -239,6 +240,9 @@ def _digrap(s: Setup) -> optax.GradientTransformation:
 # One entry per timed method; a new method is one more entry.
 METHODS: dict[str, Method] = {
   "plain": Method(lambda s: s.optax_step(s.sgd), baseline=None),
+  # The plain step again, compiled and run as a program of its own: its ratio is what two
+  # identical steps differ by here (the benchmark's own floor of noise).
+  "plain_twin": Method(lambda s: s.optax_step(s.sgd)),
   "project": Method(Setup.project_step, memory_key="tpgm"),
   "project_bf16_anchor": Method(
     lambda s: s.project_step(anchor_dtype=jnp.bfloat16), memory_key="tpgm_bf16_anchor"
@@ -259,6 +263,7 @@ METHODS: dict[str, Method] = {
 }
 DEFAULT_METHODS = (
   "plain",
+  "plain_twin",
   "project",
   "project_bf16_anchor",
   "project_only",
@@ -335,8 +340,12 @@ def run(
   model: str = "resnet_small",
   dtype: str = "float32",
   overrides: dict[str, Any] | None = None,
+  rotate: bool = True,
 ) -> dict:
-  """Times ``methods`` on ``model`` (a preset, with attribute ``overrides``); the JSON dict."""
+  """Times ``methods`` on ``model`` (a preset, with attribute ``overrides``); the JSON dict.
+
+  ``rotate``: each round starts one method later than the last (False: every round in the
+  order of ``methods``)."""
   unknown = [n for n in methods if n not in METHODS]
   if unknown:
     raise ValueError(f"unknown method(s) {unknown}; valid: {', '.join(METHODS)}")
@@ -352,7 +361,10 @@ def run(
   triad, (tx, ty) = _triad(num)
   times = {n: [] for n in (*methods, "triad")}
   for i in range(warmup + steps):
-    for n in methods:
+    # Round i starts at method i (rotated order): a method's place in the round (first after
+    # the triad, say) then favours no method in particular.
+    k = i % len(methods) if rotate else 0
+    for n in (*methods[k:], *methods[:k]):
       t0 = time.perf_counter()
       carry[n] = jax.block_until_ready(fns[n](carry[n], fixed[n]))
       dt = time.perf_counter() - t0
@@ -373,6 +385,7 @@ def run(
     "image_size": setup.size,
     "batch": batch_size,
     "rounds": steps,
+    "order": "rotated" if rotate else "fixed",
     "num_params": int(sum(x.size for x in leaves)),
     "param_bytes": int(sum(x.nbytes for x in leaves)),
     "radii_bytes": int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(setup.radii))),
@@ -559,6 +572,11 @@ def main(argv=None) -> None:
     default=0,
     help="if > 0: time a LoRA MLP (--lora-width, --lora-depth) with rank-r adapters instead",
   )
+  parser.add_argument(
+    "--fixed-order",
+    action="store_true",
+    help="time every round in the order of --methods (default: each round starts one later)",
+  )
   parser.add_argument("--lora-width", type=int, default=512)
   parser.add_argument("--lora-depth", type=int, default=4)
   a = parser.parse_args(argv)
@@ -566,7 +584,14 @@ def main(argv=None) -> None:
     out = run_lora(a.lora_width, a.lora_depth, a.lora_rank, a.batch, a.steps, a.warmup, a.dtype)
   else:
     out = run(
-      a.batch, a.steps, a.warmup, tuple(a.methods.split(",")), a.model, a.dtype, a.overrides
+      a.batch,
+      a.steps,
+      a.warmup,
+      tuple(a.methods.split(",")),
+      a.model,
+      a.dtype,
+      a.overrides,
+      rotate=not a.fixed_order,
     )
     if a.overrides:
       out["overrides"] = a.overrides

@@ -26,6 +26,7 @@ def test_methods_run_in_bfloat16_and_report_their_keys():
     overrides=tiny,
   )
   assert (result["model"], result["dtype"], result["image_size"]) == ("resnet_tiny", "bfloat16", 32)
+  assert result["order"] == "rotated"  # each round starts one method later
   assert result["param_bytes"] == 2 * result["num_params"]  # bfloat16 params
   for name in methods:
     assert result[f"{name}_ms"] > 0

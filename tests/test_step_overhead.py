@@ -8,7 +8,7 @@ import subprocess
 import jax
 import pytest
 
-from benchmarks import step_overhead
+from benchmarks import profile_step, step_overhead
 
 
 def test_methods_run_in_bfloat16_and_report_their_keys():
@@ -107,3 +107,17 @@ def test_gpu_suite_script_parses_and_names_known_methods():
   subprocess.run(["bash", "-n", str(script)], check=True)
   methods = re.search(r'^methods="([^"]+)"', script.read_text(), re.M).group(1).split(",")
   assert set(methods) <= set(step_overhead.METHODS)
+
+
+def test_profile_step_attributes_kernel_time_to_each_method():
+  tiny = dict(
+    stage_sizes=(1,), widths=(8,), strides=(1,), stem_width=8, stem_stride=2, norm_groups=4
+  )
+  out = profile_step.run(
+    ("plain", "adam"), steps=1, model="resnet_tiny", batch_size=2, overrides=tiny
+  )
+  for name in ("plain", "adam"):
+    m = out["methods"][name]
+    assert len(m["wall_ms"]) == 1 and m["kernel_ms"] > 0
+    assert 0 <= m["convolution_share"] <= 1
+  assert profile_step.kind("ynn_fusion.12") == "ynn_fusion"

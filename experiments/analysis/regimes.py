@@ -490,7 +490,9 @@ def render(recs: Sequence[Mapping[str, Any]], meta_data: Mapping[str, Any], run_
     f"{meta_data['select_seed']} (the same grids for every cell, below), then every method runs "
     f"with seeds {', '.join(map(str, meta_data['seeds']))}. Accuracy in %, mean ± std over "
     "seeds; gains vs FT are the mean ± std of the per-seed differences (same seed). Every "
-    "record is in `results/regimes.json`. Run one cell: "
+    "record is in `results/regimes.json`. A run is bit-identical when repeated on one machine "
+    "but not across machines (XLA:CPU's floating point differs between CPUs): read the seed "
+    "spread as the yardstick of a difference. Run one cell: "
     f"`{run_cmd} --config.regimes.run='(\"CELL\",)'`.",
     "",
     "ID / OOD-mean gain vs FT, per cell (points):",

@@ -86,6 +86,11 @@ def listing(items: Sequence[str], separator: str = ", ") -> str:
   return shown + (f"{separator}... and {more} more" if more > 0 else "")
 
 
+def _numeric(dtype: np.dtype) -> bool:
+  """Whether orbax can save arrays of ``dtype`` (bool, integers, floats incl. bfloat16, complex)."""
+  return dtype == np.bool_ or jax.dtypes.issubdtype(dtype, np.number)
+
+
 def _absolute(path: str | os.PathLike[str]) -> epath.Path:
   return epath.Path(os.path.abspath(os.fspath(path)))
 
@@ -103,11 +108,25 @@ def save_params(path: str | os.PathLike[str], params: PyTree) -> None:
 
   Raises:
     CheckpointExistsError: ``path`` exists; it is left untouched.
+    TypeError: a leaf of ``params`` is not an array or a number (nothing is written).
   """
   directory = _absolute(path)
   if directory.exists():
     raise CheckpointExistsError(
       f"refusing to overwrite {directory}: it already exists (choose a new path or delete it first)"
+    )
+  paths, leaves, _ = flatten(params)
+  bad = [
+    f"{p} ({type(x).__name__})"
+    for p, x in zip(paths, leaves, strict=True)
+    if not isinstance(x, jax.Array | np.ndarray | np.generic | int | float)
+    or not _numeric(np.dtype(getattr(x, "dtype", type(x))))
+  ]
+  if bad:
+    # Checked before orbax starts: a save that fails part-way leaves orbax's background threads
+    # still creating its temporary directory after the error.
+    raise TypeError(
+      f"cannot save {directory}: leaves must be numeric arrays or numbers; got {listing(bad)}"
     )
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(directory, params)

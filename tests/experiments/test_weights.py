@@ -180,12 +180,22 @@ def test_save_never_overwrites(tmp_path):
     save_params(tmp_path / "empty", make_params())
 
 
-def test_failed_save_leaves_no_checkpoint(tmp_path):
-  with pytest.raises(Exception):
-    save_params(tmp_path / "ckpt", {"a": np.ones(3), "b": object()})
-  assert not (tmp_path / "ckpt").exists()
-  save_params(tmp_path / "ckpt", make_params())  # a stale temporary directory is no obstacle
+def test_bad_leaves_are_named_before_anything_is_written(tmp_path):
+  bad = {"a": np.ones(3), "b": object(), "c": np.array(["x"])}
+  with pytest.raises(TypeError, match=r"got b \(object\), c \(ndarray\)"):
+    save_params(tmp_path / "ckpt", bad)
+  assert os.listdir(tmp_path) == []
+
+
+def test_a_killed_save_is_no_obstacle(tmp_path):
+  stale = tmp_path / "ckpt.orbax-checkpoint-tmp"  # what a save killed part-way leaves
+  stale.mkdir()
+  (stale / "junk").write_text("partial")
+  save_params(tmp_path / "ckpt", make_params())
   assert os.listdir(tmp_path) == ["ckpt"]
+  assert_trees_equal(
+    load_pretrained(tmp_path / "ckpt", make_params(seed=2), dont_load=()), make_params()
+  )
 
 
 def _corrupt(tmp_path, how):

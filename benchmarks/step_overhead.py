@@ -68,6 +68,16 @@ work were only its extra bytes streamed at that bandwidth: the floor of memory-b
 ``*_fusions`` and ``*_copies`` count the compiled program's kernels outside fused
 computations (``compiled.as_text()``).
 
+The kernel's share: ``<method>_page_faults`` and ``<method>_sys_ms`` are the process's minor
+page faults and system (kernel) time during one step (``resource.getrusage``, median over
+rounds), and ``malloc_env`` the ``MALLOC_*`` variables of glibc's allocator it ran with. On
+XLA:CPU a step's temporary buffers are allocated and freed every step; large ones come from
+``mmap`` and go back with ``munmap``, so each step faults their pages in again. Keeping freed
+memory in the heap avoids it (docs/benchmarks.md)::
+
+    MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 \
+      MALLOC_TOP_PAD_=536870912 python -m benchmarks.step_overhead
+
 Apart: ``sgd_only``, ``adam_only``, ``ftp_only``, ``spd_only`` and ``digrap_only`` are the
 optimizer's update and its application alone, on a fixed gradient (no forward or backward
 pass); ``<method>_alone_ratio = (baseline + method_only - baseline_only) / baseline`` (FTP vs
@@ -80,7 +90,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -360,16 +372,20 @@ def run(
   num = int(sum(x.size for x in leaves))
   triad, (tx, ty) = _triad(num)
   times = {n: [] for n in (*methods, "triad")}
+  faults = {n: [] for n in methods}
+  sys_ms = {n: [] for n in methods}
   for i in range(warmup + steps):
     # Round i starts at method i (rotated order): a method's place in the round (first after
     # the triad, say) then favours no method in particular.
     k = i % len(methods) if rotate else 0
     for n in (*methods[k:], *methods[:k]):
-      t0 = time.perf_counter()
+      r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
       carry[n] = jax.block_until_ready(fns[n](carry[n], fixed[n]))
-      dt = time.perf_counter() - t0
+      dt, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
       if i >= warmup:
         times[n].append(dt * 1e3)
+        faults[n].append(r1.ru_minflt - r0.ru_minflt)
+        sys_ms[n].append((r1.ru_stime - r0.ru_stime) * 1e3)
     t0 = time.perf_counter()
     tx = jax.block_until_ready(triad(tx, ty))
     if i >= warmup:
@@ -391,9 +407,15 @@ def run(
     "radii_bytes": int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(setup.radii))),
     # Read 2, write 1 params-sized float32 arrays, in the same rounds as the steps.
     "memory_gbps": float(f"{gbps:.4g}"),
+    # glibc's malloc settings from the environment (they change the page faults below).
+    "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
   }
   for n in methods:
     result[f"{n}_ms"] = round(ms[n], 2)
+  for n in methods:
+    # The whole process's minor page faults and kernel time during the step (median).
+    result[f"{n}_page_faults"] = int(statistics.median(faults[n]))
+    result[f"{n}_sys_ms"] = round(statistics.median(sys_ms[n]), 1)
   for n in methods:
     base = METHODS[n].baseline
     if base is not None and base in ms:

@@ -32,6 +32,8 @@ def test_methods_run_in_bfloat16_and_report_their_keys():
     assert result[f"{name}_ms"] > 0
     key = step_overhead.METHODS[name].memory_key or name
     assert result[f"{key}_temp_bytes"] >= 0 and result[f"{key}_argument_bytes"] > 0
+    assert result[f"{name}_page_faults"] >= 0 and result[f"{name}_sys_ms"] >= 0
+  assert all(k.startswith("MALLOC_") for k in result["malloc_env"])
   timed = {"project", "radii_update", "digrap"}  # the methods with a baseline
   assert {k for k in result if k.endswith("_ratio")} == {
     f"{m}_{kind}" for m in timed for kind in ("ratio", "paired_ratio", "traffic_floor_ratio")

@@ -7,8 +7,11 @@ Usage::
 Builds the steps of :mod:`benchmarks.step_overhead` (same model, batch and donation), runs each
 twice, then traces ``--steps`` rounds of them and prints JSON: per method the wall time of
 each traced step and the kernel time per step (summed over the runtime's threads) by kind of
-kernel (the HLO name without its number), and the share of the convolutions
-(``ynn_fusion``, ``transpose_copy_fusion``, ``convolution``).
+kernel (the HLO name without its number), the share of the convolutions
+(``ynn_fusion``, ``transpose_copy_fusion``, ``convolution``), and ``concurrency``: kernel time
+over wall time, the mean number of kernels XLA:CPU's runtime ran at once during the step
+(it runs independent kernels side by side; how many overlap depends on the program's
+schedule).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import gzip
 import json
 import pathlib
 import re
+import statistics
 import tempfile
 import time
 from typing import Any
@@ -78,6 +82,7 @@ def run(
     out["methods"][n] = {
       "wall_ms": wall[n],
       "kernel_ms": round(total, 2),
+      "concurrency": round(total / statistics.median(wall[n]), 3),
       "convolution_share": round(conv / total, 4) if total else None,
       "by_kind_ms": {k: round(v, 3) for k, v in per[n].most_common(20)},
     }

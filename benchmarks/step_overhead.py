@@ -30,8 +30,11 @@ Each round starts one method later than the last (``--fixed-order``: always in t
 divide by the time of the method's baseline (:data:`METHODS`): a jitted SGD-momentum step
 (``plain``) on the same model and batch, or Adam (``adam``) for the methods that modify Adam
 (SPD, DiGraP: ``digrap_ratio``). ``<method>_paired_ratio`` is the median of the per-round
-ratios (method and baseline timed in the same round) and ``_paired_ratio_iqr`` their
-quartiles: the spread of a ratio within the run.
+ratios (method and baseline timed in the same round), ``_paired_ratio_iqr`` their
+quartiles (the spread of a ratio within the run) and ``_paired_ratio_ci95`` the 95 %
+confidence interval of their median (:func:`median_interval`: distribution-free, from the
+order statistics; it narrows as ``--steps`` grows, so enough rounds resolve a ratio that one
+round's spread hides).
 
 Model: any preset of ``experiments.models`` (``--model``), on random images of
 its default size (32x32 for the CPU presets, 224x224 for the paper ones), with
@@ -78,6 +81,12 @@ memory in the heap avoids it (docs/benchmarks.md)::
     MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 \
       MALLOC_TOP_PAD_=536870912 python -m benchmarks.step_overhead
 
+The schedule: ``xla_flags`` is the ``XLA_FLAGS`` the run had (for the whole process, e.g.
+``--xla_cpu_enable_concurrency_optimized_scheduler=false``, XLA:CPU's memory-optimized
+schedule instead of its default), and the ``*_memory_schedule`` methods (plain, projection,
+FTP, Adam) compile the same steps with that schedule in the same run, each against
+``plain_memory_schedule`` (docs/benchmarks.md, "The schedule's share").
+
 Apart: ``sgd_only``, ``adam_only``, ``ftp_only``, ``spd_only`` and ``digrap_only`` are the
 optimizer's update and its application alone, on a fixed gradient (no forward or backward
 pass); ``<method>_alone_ratio = (baseline + method_only - baseline_only) / baseline`` (FTP vs
@@ -90,6 +99,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import resource
@@ -228,13 +238,16 @@ class Method:
   figures in the JSON (default: its name). ``alone``: the two optimizer-only programs
   (:meth:`Setup.update_only`, the method's and its baseline's) whose difference is the
   method's own work run apart from the step (``<name>_alone_ratio``). ``part`` marks such
-  a program, a part of a step: no memory excess of its own is reported."""
+  a program, a part of a step: no memory excess of its own is reported.
+  ``compiler_options``: XLA options its step is compiled with (``jax.stages.Lowered.compile``;
+  the ``*_memory_schedule`` methods)."""
 
   build: Callable[[Setup], tuple[Callable, tuple]]
   baseline: str | None = "plain"
   memory_key: str | None = None
   alone: tuple[str, str] | None = None
   part: bool = False
+  compiler_options: dict[str, Any] | None = None
 
 
 def _ftp(s: Setup) -> optax.GradientTransformation:
@@ -248,6 +261,10 @@ def _spd(s: Setup) -> optax.GradientTransformation:
 def _digrap(s: Setup) -> optax.GradientTransformation:
   return optax.chain(tpgm_jax.digrap(strength_lr=0.05, mask=NOT_HEAD), s.adam)
 
+
+# XLA:CPU's memory-optimized schedule instead of its default, concurrency-optimized one (which
+# runs independent kernels side by side): docs/benchmarks.md, "The schedule's share".
+MEMORY_SCHEDULE = {"xla_cpu_enable_concurrency_optimized_scheduler": False}
 
 # One entry per timed method; a new method is one more entry.
 METHODS: dict[str, Method] = {
@@ -266,6 +283,22 @@ METHODS: dict[str, Method] = {
   "spd": Method(lambda s: s.optax_step(_spd(s)), baseline="adam", alone=("spd_only", "adam_only")),
   "digrap": Method(
     lambda s: s.optax_step(_digrap(s)), baseline="adam", alone=("digrap_only", "adam_only")
+  ),
+  # The same steps compiled with the memory-optimized schedule, in the same run: the plain
+  # one's ratio is what the default schedule gains for it; the others divide by it.
+  "plain_memory_schedule": Method(lambda s: s.optax_step(s.sgd), compiler_options=MEMORY_SCHEDULE),
+  "project_memory_schedule": Method(
+    Setup.project_step, baseline="plain_memory_schedule", compiler_options=MEMORY_SCHEDULE
+  ),
+  "ftp_memory_schedule": Method(
+    lambda s: s.optax_step(_ftp(s)),
+    baseline="plain_memory_schedule",
+    compiler_options=MEMORY_SCHEDULE,
+  ),
+  "adam_memory_schedule": Method(
+    lambda s: s.optax_step(s.adam),
+    baseline="plain_memory_schedule",
+    compiler_options=MEMORY_SCHEDULE,
   ),
   "sgd_only": Method(lambda s: s.update_only(s.sgd), baseline=None, part=True),
   "adam_only": Method(lambda s: s.update_only(s.adam), baseline=None, part=True),
@@ -306,10 +339,12 @@ def _kernels(hlo: str) -> dict[str, int]:
   return {"fusions": fusions, "copies": copies}
 
 
-def _compile(step: Callable, args: tuple) -> tuple[Any, dict[str, int]]:
-  """The compiled step (params and optimizer state donated, as a training loop does) and
-  XLA's memory analysis of it."""
-  compiled = jax.jit(step, donate_argnums=0).lower(*args).compile()
+def _compile(
+  step: Callable, args: tuple, options: dict[str, Any] | None = None
+) -> tuple[Any, dict[str, int]]:
+  """The compiled step (params and optimizer state donated, as a training loop does; XLA
+  ``options``) and XLA's memory analysis of it."""
+  compiled = jax.jit(step, donate_argnums=0).lower(*args).compile(compiler_options=options)
   m = compiled.memory_analysis()
   out = {
     "temp_bytes": int(m.temp_size_in_bytes),
@@ -335,6 +370,35 @@ def _triad(num: int) -> tuple[Callable, tuple]:
   fn = jax.jit(lambda x, y: 1.0001 * x + y, donate_argnums=0)
   x, y = jnp.ones((num,), jnp.float32), jnp.ones((num,), jnp.float32)
   return fn, (x, y)
+
+
+def median_interval(x: Any, level: float = 0.95) -> tuple[float, float]:
+  """A distribution-free confidence interval of the median of the samples ``x``.
+
+  With ``x`` sorted, ``(x[j - 1], x[n - j])`` covers the median of any continuous
+  distribution with probability ``1 - 2 P(B <= j - 1)``, ``B ~ Binomial(n, 1/2)`` (the number
+  of samples below the median). ``j`` is the largest with that probability >= ``level``; with
+  too few samples for any (n <= 5 at 95 %), the interval is ``(min, max)``.
+
+  Args:
+    x: the samples (a sequence of numbers, at least one).
+    level: the coverage asked for, in (0, 1).
+
+  Returns:
+    ``(low, high)``.
+  """
+  xs = np.sort(np.asarray(x, np.float64))
+  n = xs.size
+  if n == 0 or not 0 < level < 1:
+    raise ValueError(f"median_interval needs samples and a level in (0, 1); got {n}, {level}")
+  tail, j = 0.0, 0  # tail = P(B <= j) as j grows; keep the largest j with 2 P(B <= j - 1) <= alpha
+  for i in range(n // 2 + 1):
+    tail += math.comb(n, i) / 2**n  # exact integers: no overflow for many rounds
+    if 2 * tail > 1 - level:
+      break
+    j = i + 1
+  j = max(j, 1)
+  return float(xs[j - 1]), float(xs[n - j])
 
 
 def memory_baseline(name: str) -> str | None:
@@ -367,7 +431,7 @@ def run(
   fns, carry, fixed, memory = {}, {}, {}, {}
   for n in methods:
     step, (carry[n], fixed[n]) = METHODS[n].build(setup)
-    fns[n], memory[n] = _compile(step, (carry[n], fixed[n]))
+    fns[n], memory[n] = _compile(step, (carry[n], fixed[n]), METHODS[n].compiler_options)
   leaves = jax.tree.leaves(setup.params)
   num = int(sum(x.size for x in leaves))
   triad, (tx, ty) = _triad(num)
@@ -409,6 +473,8 @@ def run(
     "memory_gbps": float(f"{gbps:.4g}"),
     # glibc's malloc settings from the environment (they change the page faults below).
     "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
+    # XLA's flags (the CPU scheduler, say: docs/benchmarks.md).
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
   for n in methods:
     result[f"{n}_ms"] = round(ms[n], 2)
@@ -427,6 +493,7 @@ def run(
       result[f"{n}_paired_ratio_iqr"] = [
         round(float(q), 3) for q in np.quantile(paired, [0.25, 0.75])
       ]
+      result[f"{n}_paired_ratio_ci95"] = [round(q, 3) for q in median_interval(paired)]
   if "project" in ms and "project_only" in ms:
     # The plain step plus the projection as a program of its own.
     result["project_alone_ratio"] = round((ms["plain"] + ms["project_only"]) / ms["plain"], 3)

@@ -6,6 +6,7 @@ import re
 import subprocess
 
 import jax
+import numpy as np
 import pytest
 
 from benchmarks import profile_step, step_overhead
@@ -34,6 +35,7 @@ def test_methods_run_in_bfloat16_and_report_their_keys():
     assert result[f"{key}_temp_bytes"] >= 0 and result[f"{key}_argument_bytes"] > 0
     assert result[f"{name}_page_faults"] >= 0 and result[f"{name}_sys_ms"] >= 0
   assert all(k.startswith("MALLOC_") for k in result["malloc_env"])
+  assert isinstance(result["xla_flags"], str)
   timed = {"project", "radii_update", "digrap"}  # the methods with a baseline
   assert {k for k in result if k.endswith("_ratio")} == {
     f"{m}_{kind}" for m in timed for kind in ("ratio", "paired_ratio", "traffic_floor_ratio")
@@ -41,6 +43,7 @@ def test_methods_run_in_bfloat16_and_report_their_keys():
   for m in timed:  # one round: the paired ratio is that round's, its quartiles the same
     lo, hi = result[f"{m}_paired_ratio_iqr"]
     assert lo == hi == result[f"{m}_paired_ratio"] == pytest.approx(result[f"{m}_ratio"], abs=2e-3)
+    assert result[f"{m}_paired_ratio_ci95"] == [lo, hi]
   assert set(step_overhead.DEFAULT_METHODS) <= set(step_overhead.METHODS)
 
 
@@ -49,7 +52,7 @@ def test_memory_per_parameter_the_projection_alone_and_the_bfloat16_anchor():
     stage_sizes=(1,), widths=(8,), strides=(1,), stem_width=8, stem_stride=2, norm_groups=4
   )
   methods = ("plain", "project", "project_bf16_anchor", "project_only", "adam", "ftp", "spd")
-  methods += ("sgd_only", "ftp_only")
+  methods += ("sgd_only", "ftp_only", "plain_memory_schedule", "ftp_memory_schedule")
   result = step_overhead.run(
     batch_size=2, steps=1, warmup=0, methods=methods, model="resnet_tiny", overrides=tiny
   )
@@ -73,6 +76,14 @@ def test_memory_per_parameter_the_projection_alone_and_the_bfloat16_anchor():
     )
     assert isinstance(result[f"{key}_extra_bytes_per_param"], float)
   assert "project_only_ratio" not in result and result["project_alone_ratio"] > 1
+  # The memory-optimized schedule: the same program's state, its ratio against its own plain
+  # step, and the plain step's against the default schedule's.
+  assert result["ftp_memory_schedule" + extra] == result["ftp" + extra]
+  assert {"ftp_memory_schedule_ratio", "plain_memory_schedule_ratio"} <= set(result)
+  setup = step_overhead.Setup("resnet_tiny", 1, "float32", tiny)
+  step, args = step_overhead.METHODS["plain"].build(setup)
+  with pytest.raises(Exception, match="xla_cpu_no_such_option"):  # the options reach XLA
+    step_overhead._compile(step, args, {"xla_cpu_no_such_option": False})
   # Traffic: FTP reads and writes more than the plain step (anchor, previous displacement),
   # and its floor is the extra bytes at the triad's bandwidth over the plain step's time.
   assert result["memory_gbps"] > 0
@@ -122,4 +133,27 @@ def test_profile_step_attributes_kernel_time_to_each_method():
     m = out["methods"][name]
     assert len(m["wall_ms"]) == 1 and m["kernel_ms"] > 0
     assert 0 <= m["convolution_share"] <= 1
+    assert m["concurrency"] == pytest.approx(m["kernel_ms"] / m["wall_ms"][0], abs=2e-3)
   assert profile_step.kind("ynn_fusion.12") == "ynn_fusion"
+
+
+def test_median_interval_covers_the_median_as_the_binomial_says():
+  x = [9.0, 2.0, 7.0, 1.0, 5.0, 3.0, 10.0, 4.0, 8.0, 6.0]
+  # n = 10: ranks 2 and 9 (coverage 1 - 2 * 11 / 1024 = 97.9 %; ranks 3 and 8 give 89 %).
+  assert step_overhead.median_interval(x) == (2.0, 9.0)
+  assert step_overhead.median_interval([3.0]) == (3.0, 3.0)  # one round: its ratio
+  assert step_overhead.median_interval([5.0, 1.0, 4.0, 2.0, 3.0]) == (1.0, 5.0)  # too few
+  with pytest.raises(ValueError, match="level"):
+    step_overhead.median_interval(x, level=1.0)
+  # Monte Carlo oracle: the interval of 40 samples covers the true median (0 for a normal)
+  # in >= 95 % of 4,000 draws, and is no wider than needed (its ranks one closer: < 95 %).
+  rng = np.random.default_rng(0)
+  draws = rng.standard_normal((4000, 40))
+  cover = np.mean([lo <= 0 <= hi for lo, hi in map(step_overhead.median_interval, draws)])
+  assert 0.95 <= cover <= 0.975  # exact: 1 - 2 P(B <= 13) = 0.9615 for n = 40
+  narrower = np.mean([s[14] <= 0 <= s[25] for s in np.sort(draws, axis=1)])
+  assert narrower < 0.95  # exact: 1 - 2 P(B <= 14) = 0.9193
+  assert step_overhead.median_interval(draws[0]) == tuple(np.sort(draws[0])[[13, 26]])
+  lo, hi = step_overhead.median_interval(np.arange(2000.0))  # 2**2000 overflows a float
+  half = 1.96 * np.sqrt(2000) / 2  # normal approximation of the binomial: 999.5 -+ 43.8
+  assert abs(lo - (999.5 - half)) <= 2 and abs(hi - (999.5 + half)) <= 2

@@ -84,6 +84,11 @@ def test_memory_per_parameter_the_projection_alone_and_the_bfloat16_anchor():
   step, args = step_overhead.METHODS["plain"].build(setup)
   with pytest.raises(Exception, match="xla_cpu_no_such_option"):  # the options reach XLA
     step_overhead._compile(step, args, {"xla_cpu_no_such_option": False})
+  # ... and change the program (not every option does: XLA:CPU compiles the same program
+  # with xla_cpu_enable_concurrency_optimized_scheduler=False passed this way).
+  default, _ = step_overhead._compile(step, args)
+  memory, _ = step_overhead._compile(step, args, step_overhead.MEMORY_SCHEDULE)
+  assert default.as_text() != memory.as_text()
   # Traffic: FTP reads and writes more than the plain step (anchor, previous displacement),
   # and its floor is the extra bytes at the triad's bandwidth over the plain step's time.
   assert result["memory_gbps"] > 0

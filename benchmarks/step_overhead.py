@@ -84,8 +84,9 @@ memory in the heap avoids it (docs/benchmarks.md)::
 The schedule: ``xla_flags`` is the ``XLA_FLAGS`` the run had (for the whole process, e.g.
 ``--xla_cpu_enable_concurrency_optimized_scheduler=false``, XLA:CPU's memory-optimized
 schedule instead of its default), and the ``*_memory_schedule`` methods (plain, projection,
-FTP, Adam) compile the same steps with that schedule in the same run, each against
-``plain_memory_schedule`` (docs/benchmarks.md, "The schedule's share").
+FTP, Adam) compile the same steps with that schedule (:data:`MEMORY_SCHEDULE`, per program)
+in the same run, each against ``plain_memory_schedule`` (docs/benchmarks.md, "The
+schedule's share").
 
 Apart: ``sgd_only``, ``adam_only``, ``ftp_only``, ``spd_only`` and ``digrap_only`` are the
 optimizer's update and its application alone, on a fixed gradient (no forward or backward
@@ -286,28 +287,27 @@ METHODS: dict[str, Method] = {
   "digrap": Method(
     lambda s: s.optax_step(_digrap(s)), baseline="adam", alone=("digrap_only", "adam_only")
   ),
-  # The same steps compiled with the memory-optimized schedule, in the same run: the plain
-  # one's ratio is what the default schedule gains for it; the others divide by it.
-  "plain_memory_schedule": Method(lambda s: s.optax_step(s.sgd), compiler_options=MEMORY_SCHEDULE),
-  "project_memory_schedule": Method(
-    Setup.project_step, baseline="plain_memory_schedule", compiler_options=MEMORY_SCHEDULE
-  ),
-  "ftp_memory_schedule": Method(
-    lambda s: s.optax_step(_ftp(s)),
-    baseline="plain_memory_schedule",
-    compiler_options=MEMORY_SCHEDULE,
-  ),
-  "adam_memory_schedule": Method(
-    lambda s: s.optax_step(s.adam),
-    baseline="plain_memory_schedule",
-    compiler_options=MEMORY_SCHEDULE,
-  ),
   "sgd_only": Method(lambda s: s.update_only(s.sgd), baseline=None, part=True),
   "adam_only": Method(lambda s: s.update_only(s.adam), baseline=None, part=True),
   "ftp_only": Method(lambda s: s.update_only(_ftp(s)), baseline=None, part=True),
   "spd_only": Method(lambda s: s.update_only(_spd(s)), baseline=None, part=True),
   "digrap_only": Method(lambda s: s.update_only(_digrap(s)), baseline=None, part=True),
 }
+# The same steps compiled with the memory-optimized schedule, for the same run: the plain one's
+# ratio (to the default-scheduled plain step) is what the default schedule gains for it; the
+# others divide by it.
+METHODS.update(
+  {
+    f"{n}_memory_schedule": dataclasses.replace(
+      METHODS[n],
+      baseline="plain" if n == "plain" else "plain_memory_schedule",
+      memory_key=None,
+      alone=None,
+      compiler_options=MEMORY_SCHEDULE,
+    )
+    for n in ("plain", "project", "ftp", "adam")
+  }
+)
 DEFAULT_METHODS = (
   "plain",
   "plain_twin",

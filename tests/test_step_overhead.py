@@ -82,7 +82,8 @@ def test_memory_per_parameter_the_projection_alone_and_the_bfloat16_anchor():
   assert {"ftp_memory_schedule_ratio", "plain_memory_schedule_ratio"} <= set(result)
   setup = step_overhead.Setup("resnet_tiny", 1, "float32", tiny)
   step, args = step_overhead.METHODS["plain"].build(setup)
-  with pytest.raises(Exception, match="xla_cpu_no_such_option"):  # the options reach XLA
+  # The options reach XLA ...
+  with pytest.raises(jax.errors.JaxRuntimeError, match="xla_cpu_no_such_option"):
     step_overhead._compile(step, args, {"xla_cpu_no_such_option": False})
   # ... and change the program (not every option does: XLA:CPU compiles the same program
   # with xla_cpu_enable_concurrency_optimized_scheduler=False passed this way).

@@ -100,7 +100,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import re
 import resource
@@ -113,6 +112,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import scipy.stats
 
 import tpgm_jax
 from experiments import models
@@ -377,10 +377,10 @@ def _triad(num: int) -> tuple[Callable, tuple]:
 def median_interval(x: Any, level: float = 0.95) -> tuple[float, float]:
   """A distribution-free confidence interval of the median of the samples ``x``.
 
-  With ``x`` sorted, ``(x[j - 1], x[n - j])`` covers the median of any continuous
-  distribution with probability ``1 - 2 P(B <= j - 1)``, ``B ~ Binomial(n, 1/2)`` (the number
-  of samples below the median). ``j`` is the largest with that probability >= ``level``; with
-  too few samples for any (n <= 5 at 95 %), the interval is ``(min, max)``.
+  SciPy's sign-test interval (``scipy.stats.quantile_test(...).confidence_interval``): with
+  ``x`` sorted, ``(x[j - 1], x[n - j])`` for the largest ``j`` whose coverage
+  ``1 - 2 P(B <= j - 1)``, ``B ~ Binomial(n, 1/2)``, is >= ``level``. With too few samples for
+  any (n <= 5 at 95 %; SciPy gives NaN), the interval is ``(min, max)``.
 
   Args:
     x: the samples (a sequence of numbers, at least one).
@@ -389,18 +389,13 @@ def median_interval(x: Any, level: float = 0.95) -> tuple[float, float]:
   Returns:
     ``(low, high)``.
   """
-  xs = np.sort(np.asarray(x, np.float64))
-  n = xs.size
-  if n == 0 or not 0 < level < 1:
-    raise ValueError(f"median_interval needs samples and a level in (0, 1); got {n}, {level}")
-  tail, j = 0.0, 0  # tail = P(B <= j) as j grows; keep the largest j with 2 P(B <= j - 1) <= alpha
-  for i in range(n // 2 + 1):
-    tail += math.comb(n, i) / 2**n  # exact integers: no overflow for many rounds
-    if 2 * tail > 1 - level:
-      break
-    j = i + 1
-  j = max(j, 1)
-  return float(xs[j - 1]), float(xs[n - j])
+  xs = np.asarray(x, np.float64)
+  if xs.size == 0 or not 0 < level < 1:
+    raise ValueError(f"median_interval needs samples and a level in (0, 1); got {xs.size}, {level}")
+  ci = scipy.stats.quantile_test(xs, q=float(np.median(xs)), p=0.5).confidence_interval(level)
+  if np.isnan(ci.low) or np.isnan(ci.high):
+    return float(xs.min()), float(xs.max())
+  return float(ci.low), float(ci.high)
 
 
 def memory_baseline(name: str) -> str | None:
